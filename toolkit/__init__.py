@@ -1,0 +1,30 @@
+"""rtdetr-deploy: export, build, run and compare RT-DETR detectors with torch tensors bound to engine I/O.
+
+``import toolkit`` is light: heavy libraries (onnx, onnxruntime, transformers, tensorrt) load on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TensorSpec": "signature", "Signature": "signature", "PreprocessSpec": "signature",
+    "BindingError": "errors", "ToolkitError": "errors", "ExportError": "errors", "EngineError": "errors",
+    "ConfigError": "errors", "CheckpointError": "errors", "InputError": "errors",
+    "Binder": "binding",
+    "load_model": "models", "build_model": "models", "available_configs": "models",
+    "preprocess": "preprocessing", "read_image": "preprocessing",
+    "export_onnx": "export",
+    "inspect_file": "inspect",
+    "load": "engine", "Engine": "engine",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""One small module per backend, each exposing ``load(source, device, **options) -> Engine``."""

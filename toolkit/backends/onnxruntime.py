@@ -1,0 +1,121 @@
+"""ONNX Runtime behind the Engine protocol, with torch tensors bound by pointer (IOBinding).
+
+Inputs and torch-allocated outputs are bound by ``data_ptr()`` on CPU and CUDA alike: no copies.
+
+Streams (CUDA): the session is created with ``user_compute_stream`` set to the torch stream that was
+current at load time (the engine's stream) and runs with ``disable_synchronize_execution_providers``,
+so ORT's kernels are queued on that stream like any torch op and the host never waits. A call made
+while another torch stream is current first makes the engine's stream wait for it, and afterwards
+makes it wait for the engine's stream (events, no host synchronization). Outputs are therefore valid
+in the order of the caller's current stream, exactly like the result of a torch op.
+
+Threads: ``InferenceSession.run_with_iobinding`` is thread-safe and each call builds its own binding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..binding import BoundInputs, allocate_outputs
+from ..engine import BaseEngine
+from ..errors import EngineError, MissingDependencyError
+from ..signature import from_onnx
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
+                                     "(or 'rtdetr-deploy[gpu]' for onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+def cuda_available() -> bool:
+    ort = import_onnxruntime()
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class OnnxRuntimeEngine(BaseEngine):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: torch.device, *, graph_optimization: str = "all",
+                 cuda_graph: bool = False, **options: Any) -> None:
+        ort = import_onnxruntime()
+        path = Path(path)
+        try:
+            signature = from_onnx(path)
+        except Exception as e:
+            raise EngineError(f"{path}: not a readable ONNX model ({e.__class__.__name__}: {e})") from None
+        sess_options = ort.SessionOptions()
+        sess_options.log_severity_level = 3
+        sess_options.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[graph_optimization]
+        self.run_options = ort.RunOptions()
+        if device.type == "cuda":
+            if not cuda_available():
+                raise MissingDependencyError(
+                    f"device {device} asked for ONNX Runtime's CUDA execution provider, which this onnxruntime lacks "
+                    f"(providers: {', '.join(ort.get_available_providers())}); pip install 'rtdetr-deploy[gpu]' "
+                    "(onnxruntime-gpu), or load with device='cpu'")
+            device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+            self.stream = torch.cuda.current_stream(device)
+            cuda_options = {"device_id": str(device.index), "user_compute_stream": str(self.stream.cuda_stream)}
+            if cuda_graph:
+                cuda_options["enable_cuda_graph"] = "1"
+            providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        else:
+            self.stream = None
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options, providers=providers)
+        except Exception as e:
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        names = json.loads(meta["class_names"]) if "class_names" in meta else []
+        super().__init__(signature, device, class_names=names, **options)
+        self.path = path
+
+    def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        device_type = "cuda" if self.device.type == "cuda" else "cpu"
+        device_id = self.device.index or 0
+        outputs = allocate_outputs(self.signature, bound.dims, self.device)
+        caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
+        if caller is not None and caller != self.stream:
+            self.stream.wait_stream(caller)
+        binding = self.session.io_binding()
+        for spec in self.signature.inputs:
+            t = bound.tensors[spec.name]
+            binding.bind_input(spec.name, device_type, device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
+        for spec in self.signature.outputs:
+            if outputs is not None:
+                t = outputs[spec.name]
+                binding.bind_output(spec.name, device_type, device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
+            else:
+                binding.bind_output(spec.name, device_type, device_id)
+        self.session.run_with_iobinding(binding, self.run_options)
+        if outputs is None:  # data-dependent output shapes: ORT allocated them
+            outputs = {s.name: torch.from_dlpack(v.to_dlpack()) if device_type == "cuda" else torch.from_numpy(v.numpy())
+                       for s, v in zip(self.signature.outputs, binding.get_outputs())}
+        if caller is not None and caller != self.stream:
+            caller.wait_stream(self.stream)
+        for t in bound.tensors.values():  # keep inputs alive until the engine's stream is done with them
+            if t.is_cuda:
+                t.record_stream(self.stream)
+        return outputs
+
+
+def load(source: Any, device: torch.device | None = None, **options: Any) -> OnnxRuntimeEngine:
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() and cuda_available() else torch.device("cpu")
+    return OnnxRuntimeEngine(source, device, **options)
+
+

@@ -1,0 +1,148 @@
+"""Export a model behind the deploy contract to a verified ONNX file.
+
+The file is written atomically, checked by ``onnx.checker``, carries its metadata (toolkit version,
+config, input size, class names, preprocessing, contract version) and is verified in ONNX Runtime
+against torch before the call returns (see :mod:`toolkit.verify`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .atomic import atomic_path, check_output_path
+from .contract import DeployModel
+from .errors import ExportError
+from .models import load_model
+from .signature import CONTRACT_VERSION, INPUT_IMAGES, INPUT_SIZES, OUTPUTS, Signature, from_onnx
+from .verify import VerifyReport, verify_onnx
+
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    signature: Signature
+    verify: VerifyReport | None
+    lints: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _resize_model(model: DeployModel, size: tuple[int, int]) -> DeployModel:
+    """Change the input size; transformers RT-DETR precomputes its anchors for one size, so regenerate them."""
+    model.preprocess = replace(model.preprocess, size=size)
+    inner = getattr(model.model, "model", None)
+    if inner is not None and hasattr(inner, "generate_anchors") and getattr(inner.config, "anchor_image_size", None):
+        inner.config.anchor_image_size = list(size)
+        inner.anchors, inner.valid_mask = inner.generate_anchors(dtype=torch.float32)
+    return model
+
+
+def lint(onnx_model: Any, signature: Signature) -> list[str]:
+    """What users trip over when they take this file to TensorRT."""
+    notes = []
+    for spec in signature.inputs:
+        if spec.dtype == "int64":
+            notes.append(f"input {spec.name} is int64: TensorRT 10/11 keep it, TensorRT 8 narrows it to int32 and a torch "
+                         "int64 tensor bound there reads [[640,640]] as [[640,0]] (every y coordinate 0); "
+                         "toolkit.load() converts or refuses such tensors, raw pointer binding does not")
+    ops = [n.op_type for n in onnx_model.graph.node]
+    if "GridSample" in ops:
+        notes.append(f"{ops.count('GridSample')} GridSample node(s): results and support vary across TensorRT versions; "
+                     "compare each engine with ONNX Runtime")
+    opset = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 17 and ops.count("ReduceMean") >= 2:
+        notes.append(f"opset {opset} < 17: LayerNorm is split into primitive ops, which overflow in fp16; export with --opset 17")
+    return notes
+
+
+def export_onnx(
+    model: Any = None,
+    output: str | Path = "model.onnx",
+    *,
+    config: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    size: tuple[int, int] | None = None,
+    sizes_dtype: str = "int64",
+    simplify: bool = False,
+    verify: bool = True,
+) -> ExportResult:
+    """Export ``model`` (anything :func:`toolkit.models.load_model` accepts) to a verified ONNX file at ``output``."""
+    import onnx
+
+    start = time.perf_counter()
+    output = check_output_path(output)
+    if sizes_dtype not in ("int64", "int32"):
+        raise ExportError(f"sizes_dtype must be int64 or int32, got {sizes_dtype!r}")
+    deploy = load_model(model, config=config).eval()
+    if size is not None:
+        deploy = _resize_model(deploy, tuple(size))
+    device = next(deploy.parameters()).device
+    h, w = deploy.preprocess.size
+    sdtype = getattr(torch, sizes_dtype)
+    images = torch.rand(2, 3, h, w, device=device)
+    sizes = torch.tensor([[w, h], [w // 2, h // 2]], dtype=sdtype, device=device)
+    axes = {n: {0: "N"} for n in (INPUT_IMAGES, INPUT_SIZES, *OUTPUTS)} if dynamic_batch else None
+    with atomic_path(output) as tmp:
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(deploy, (images, sizes), str(tmp), input_names=[INPUT_IMAGES, INPUT_SIZES],
+                                  output_names=list(OUTPUTS), opset_version=opset, dynamic_axes=axes, dynamo=False)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed at opset {opset}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+        onnx_model = onnx.load(str(tmp))
+        _name_output_dims(onnx_model, deploy.top_k if not deploy.contract else None)
+        if simplify:
+            onnx_model = _simplify(onnx_model)
+        signature = replace(from_onnx(onnx_model), preprocess=deploy.preprocess)
+        meta = {
+            "toolkit_version": __version__, "contract_version": CONTRACT_VERSION, "config_name": deploy.name,
+            "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
+            "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
+        }
+        del onnx_model.metadata_props[:]
+        for k, v in meta.items():
+            onnx_model.metadata_props.add(key=k, value=v)
+        try:
+            onnx.checker.check_model(onnx_model, full_check=True)
+        except Exception as e:
+            raise ExportError(f"onnx.checker rejected the exported graph: {e}") from None
+        onnx.save(onnx_model, str(tmp))
+        report = None
+        if verify:
+            report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,))
+            if not report.ok:
+                raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
+    return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)
+
+
+def _preprocess_dict(model: DeployModel) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(model.preprocess)
+
+
+def _name_output_dims(onnx_model: Any, top_k: int | None) -> None:
+    """Give the exporter's generated output dim names (``Modlabels_dim_1``...) the fixed top-K they are."""
+    for out in onnx_model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) >= 2 and dims[1].HasField("dim_param") and top_k is not None:
+            dims[1].dim_value = top_k
+
+
+def _simplify(onnx_model: Any) -> Any:
+    try:
+        import onnxslim
+    except ImportError:
+        raise ExportError("--simplify needs onnxslim: pip install 'rtdetr-deploy[simplify]'") from None
+    return onnxslim.slim(onnx_model)

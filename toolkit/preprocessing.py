@@ -1,0 +1,104 @@
+"""The one preprocessing helper: image files, PIL images or uint8 tensors -> ``images`` + ``orig_target_sizes``.
+
+Every backend and the torch reference get their inputs from here, driven by the model's
+:class:`~toolkit.signature.PreprocessSpec`, so stretch-vs-letterbox and (w,h)-vs-(h,w) cannot drift
+between scripts. Resizing is torchvision's (transforms.v2), decoding is torchvision.io.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import InputError
+from .signature import PreprocessSpec
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file into a uint8 RGB tensor [3,H,W]; a clear error for anything that is not an image."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image {p}: no such file")
+    try:
+        return decode_image(str(p), mode=ImageReadMode.RGB)
+    except Exception as e:  # torchvision raises RuntimeError for undecodable bytes
+        raise InputError(f"image {p}: not a readable image ({e.__class__.__name__}: {e})") from None
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand directories into their image files (sorted); keep files as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    if not out:
+        raise InputError(f"no images found in {', '.join(map(str, paths)) or '(nothing given)'}")
+    return out
+
+
+def _to_uint8_chw(image: Any) -> torch.Tensor:
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise InputError(f"image tensors must be uint8 [3,H,W] RGB, got {str(image.dtype).removeprefix('torch.')} {list(image.shape)}")
+        return image
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL comes with torchvision
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        return pil_to_tensor(image.convert("RGB"))
+    raise InputError(f"cannot preprocess a {type(image).__name__}: pass image paths, PIL images or uint8 [3,H,W] tensors")
+
+
+def letterbox_geometry(orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> tuple[float, int, int, int, int]:
+    """(scale, new_w, new_h, pad_left, pad_top) of a centred letterbox; the postprocess inverts exactly this."""
+    w, h = orig_wh
+    scale = min(size_hw[1] / w, size_hw[0] / h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    return scale, new_w, new_h, (size_hw[1] - new_w) // 2, (size_hw[0] - new_h) // 2
+
+
+def preprocess_one(image: Any, spec: PreprocessSpec) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> (float32 [3,H,W] in ``spec.value_range``, original (w, h))."""
+    from torchvision.transforms.v2 import functional as F
+
+    img = _to_uint8_chw(image)
+    orig_h, orig_w = int(img.shape[-2]), int(img.shape[-1])
+    if spec.resize == "stretch":
+        out = F.resize(img, list(spec.size), antialias=True)
+    else:
+        _, new_w, new_h, left, top = letterbox_geometry((orig_w, orig_h), spec.size)
+        out = F.resize(img, [new_h, new_w], antialias=True)
+        right, bottom = spec.size[1] - new_w - left, spec.size[0] - new_h - top
+        out = F.pad(out, [left, top, right, bottom], fill=round(spec.pad_value * 255))
+    out = F.to_dtype(out, torch.float32, scale=True)
+    if spec.channel_order == "BGR":
+        out = out.flip(0)
+    lo, hi = spec.value_range
+    if (lo, hi) != (0.0, 1.0):
+        out = out * (hi - lo) + lo
+    return out.contiguous(), (orig_w, orig_h)
+
+
+def preprocess(images: Any, spec: PreprocessSpec, sizes_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (one or a list of paths / PIL / uint8 tensors) -> ``images`` [N,3,H,W] float32, ``orig_target_sizes`` [N,2] (w,h)."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if not images:
+        raise InputError("no images to preprocess")
+    pairs = [preprocess_one(im, spec) for im in images]
+    batch = torch.stack([p[0] for p in pairs])
+    sizes = torch.tensor([p[1] for p in pairs], dtype=sizes_dtype)
+    return batch, sizes

@@ -1,0 +1,171 @@
+"""Verify an exported ONNX file in ONNX Runtime (CPU) against the torch model it came from.
+
+RT-DETR's encoder picks its decoder queries with a top-K over per-position class scores. Where those
+scores tie at the selection boundary (transformers' default initialisation gives only a handful of
+distinct values), ORT and torch legitimately pick different queries and the final outputs differ by
+hundreds of pixels without any export bug. So the check is layered:
+
+1. the selection scores (everything that precedes the query selection) must agree tightly;
+2. ties at the selection boundary are detected and reported;
+3. the final outputs are compared, up to a permutation of equal scores, only when the selection is
+   unambiguous; otherwise the report says why they were not compared.
+
+Every check runs at two batch sizes through the same dynamic-batch file (a batch baked into a
+constant deep in the graph shows up there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import DeployModel
+from .matching import match_permutation
+from .signature import INPUT_IMAGES, INPUT_SIZES
+
+SELECTION_ATOL = 1e-3  # encoder class logits; float32 reorderings stay far below this
+TIE_GAP = 1e-4  # a boundary gap smaller than this is a tie that backends may break differently
+BOX_ATOL_FRACTION = 1e-4  # matched boxes: this fraction of the image size (0.064 px at 640), plus 0.01 px
+SCORE_ATOL = 1e-4
+
+
+@dataclass
+class BatchCheck:
+    batch: int
+    selection_max_diff: float | None = None  # None when the model's selection scores are not reachable
+    boundary_gap: float | None = None
+    tied: bool = False
+    final_compared: int = 0
+    final_max_box_diff: float | None = None
+    final_max_score_diff: float | None = None
+    final_label_mismatches: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    checks: list[BatchCheck]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"verify: {'PASS' if self.ok else 'FAIL'}"]
+        for c in self.checks:
+            sel = "n/a" if c.selection_max_diff is None else f"{c.selection_max_diff:.2e}"
+            fin = ("not compared (tied selection)" if c.tied else
+                   f"{c.final_compared} detections, max box diff {c.final_max_box_diff:.3g} px, "
+                   f"max score diff {c.final_max_score_diff:.2e}, label mismatches {c.final_label_mismatches}")
+            lines.append(f"  batch {c.batch}: selection scores max diff {sel}; final outputs: {fin}")
+            lines += [f"    problem: {p}" for p in c.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verification_images(batch: int, size: tuple[int, int], seed: int) -> torch.Tensor:
+    """Distinct, structured test images (smooth gradients plus rectangles), deterministic by seed."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    images = []
+    for _ in range(batch):
+        base = torch.stack([xx, yy, (xx + yy) / 2]) * torch.rand(3, 1, 1, generator=gen)
+        for _ in range(4):
+            x0, y0 = (torch.rand(2, generator=gen) * torch.tensor([w * 0.7, h * 0.7])).int().tolist()
+            bw, bh = (torch.rand(2, generator=gen) * torch.tensor([w * 0.3, h * 0.3]) + 4).int().tolist()
+            base[:, y0:y0 + bh, x0:x0 + bw] = torch.rand(3, 1, 1, generator=gen)
+        images.append(base + 0.02 * torch.rand(3, h, w, generator=gen))
+    return torch.stack(images).clamp(0, 1)
+
+
+def _selection_node_output(onnx_model: Any) -> str | None:
+    """The input of the encoder's query-selection TopK (the first TopK fed by a ReduceMax)."""
+    producers = {o: n for n in onnx_model.graph.node for o in n.output}
+    for node in onnx_model.graph.node:
+        if node.op_type == "TopK" and producers.get(node.input[0]) is not None and producers[node.input[0]].op_type == "ReduceMax":
+            return node.input[0]
+    return None
+
+
+def _torch_selection_scores(model: DeployModel, images: torch.Tensor, sizes: torch.Tensor):
+    """Torch outputs plus the encoder's per-position max class logits (None if the model has no enc_score_head)."""
+    head = getattr(getattr(getattr(model.model, "model", None), "enc_score_head", None), "register_forward_hook", None)
+    captured: dict[str, torch.Tensor] = {}
+    handle = head(lambda _m, _i, out: captured.__setitem__("scores", out)) if head else None
+    try:
+        with torch.inference_mode():
+            outputs = model(images, sizes)
+    finally:
+        if handle is not None:
+            handle.remove()
+    sel = captured["scores"].float().max(-1).values if "scores" in captured else None
+    return outputs, sel
+
+
+def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtype = torch.int64,
+                batches: tuple[int, ...] = (2, 3), seed: int = 0) -> VerifyReport:
+    """Run ``path`` in ORT (CPU) and the torch model on the same images; see the module docstring."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx_model = onnx.load(str(path))
+    sel_name = _selection_node_output(onnx_model)
+    notes = []
+    if sel_name is not None:
+        onnx_model.graph.output.append(onnx.helper.make_tensor_value_info(sel_name, onnx.TensorProto.FLOAT, None))
+    else:
+        notes.append("no encoder query selection found in the graph: only final outputs are compared")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    device = next(model.parameters()).device
+    num_queries = getattr(getattr(model.model, "config", None), "num_queries", None)
+    checks = []
+    h, w = model.preprocess.size
+    for i, batch in enumerate(batches):
+        images = verification_images(batch, (h, w), seed + i)
+        sizes = torch.tensor([[w + 37 * j, h - 11 * j] for j in range(batch)], dtype=sizes_dtype)
+        outs = session.run(None, {INPUT_IMAGES: images.numpy(), INPUT_SIZES: sizes.numpy()})
+        ort_out = dict(zip([o.name for o in session.get_outputs()], outs))
+        (labels, boxes, scores), sel = _torch_selection_scores(model, images.to(device), sizes.to(device))
+        ref = {"labels": labels.cpu(), "boxes": boxes.cpu(), "scores": scores.cpu()}
+        check = BatchCheck(batch=batch)
+        for name in ("labels", "boxes", "scores"):
+            if tuple(ort_out[name].shape) != tuple(ref[name].shape):
+                check.problems.append(f"{name}: ORT shape {list(ort_out[name].shape)} != torch {list(ref[name].shape)}")
+        if sel is not None and sel_name is not None:
+            ort_sel = torch.from_numpy(ort_out[sel_name])
+            if ort_sel.shape != sel.shape:
+                check.problems.append(f"selection scores: ORT shape {list(ort_sel.shape)} != torch {list(sel.shape)}")
+            else:
+                check.selection_max_diff = (ort_sel - sel.cpu()).abs().max().item()
+                if check.selection_max_diff > SELECTION_ATOL:
+                    check.problems.append(f"selection scores differ by {check.selection_max_diff:.3g} (> {SELECTION_ATOL}): "
+                                          "the graph before the query selection does not match torch")
+                if num_queries and sel.shape[1] > num_queries:
+                    ordered = sel.sort(dim=1, descending=True).values
+                    check.boundary_gap = (ordered[:, num_queries - 1] - ordered[:, num_queries]).min().item()
+                    check.tied = check.boundary_gap < TIE_GAP
+        if not check.tied and not check.problems:
+            size_scale = float(max(h, w, sizes.max().item()))
+            for j in range(batch):
+                m = match_permutation({k: v[j] for k, v in ref.items()}, {k: torch.from_numpy(ort_out[k][j]) for k in ref})
+                check.final_compared += m.compared
+                check.final_max_box_diff = max(check.final_max_box_diff or 0.0, m.max_box_diff)
+                check.final_max_score_diff = max(check.final_max_score_diff or 0.0, m.max_score_diff)
+                check.final_label_mismatches += m.label_mismatches
+            box_tol = BOX_ATOL_FRACTION * size_scale + 0.01
+            if check.final_max_box_diff > box_tol or check.final_max_score_diff > SCORE_ATOL or check.final_label_mismatches:
+                check.problems.append(f"final outputs differ: box {check.final_max_box_diff:.3g} px (tol {box_tol:.3g}), "
+                                      f"score {check.final_max_score_diff:.3g} (tol {SCORE_ATOL}), {check.final_label_mismatches} label mismatches")
+        checks.append(check)
+    if any(c.tied for c in checks):
+        notes.append("the encoder's query selection is tied at its top-K boundary (flat scores, typical of untrained "
+                     "weights): torch and ORT may pick different queries, so final outputs were not compared; "
+                     "use trained weights (or toolkit.models.make_tie_free_) for an end-to-end check")
+    return VerifyReport(ok=not any(c.problems for c in checks), checks=checks, notes=notes)
