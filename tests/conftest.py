@@ -1,0 +1,62 @@
+"""Shared fixtures: a tie-free tiny model and its exported ONNX files (built once per test session)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.models import build_model, make_tie_free_
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs the real TensorRT library (not installable in this workplace)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The `tiny` config with seeded, tie-free weights (its query selection has no ties, so outputs compare)."""
+    return make_tie_free_(build_model("tiny", seed=0), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    from toolkit.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(tiny_model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_int32(tiny_model, tmp_path_factory) -> Path:
+    from toolkit.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx32") / "tiny_int32.onnx"
+    export_onnx(tiny_model, path, sizes_dtype="int32")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_images():
+    """Two distinct structured images [2,3,128,128] in [0,1] and their (w,h) sizes."""
+    from toolkit.verify import verification_images
+
+    return verification_images(2, (128, 128), seed=7), torch.tensor([[640, 480], [320, 200]])
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)

@@ -1,0 +1,144 @@
+"""``rtdetr-deploy``: a thin command line over the Python API (each verb calls one public function).
+
+Errors the user can cause print one line and exit with code 2; ``--verbose`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export, build, run and compare RT-DETR detectors.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"verbose": False}
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")) -> None:
+    _state["verbose"] = verbose
+
+
+def _size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    parts = [int(p) for p in value.replace("x", ",").split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise typer.BadParameter("--size takes H,W or one number")
+    return parts[0], parts[1]
+
+
+@app.command()
+def export(
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint directory or weights file; omit to build --config with random weights."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config name in configs/ (or a JSON path)."),
+    output: Path = typer.Option(Path("model.onnx"), "--output", "-o", help="ONNX file to write."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Symbolic batch dim N."),
+    size: Optional[str] = typer.Option(None, help="Input size H,W (default: the config's)."),
+    sizes_dtype: str = typer.Option("int64", help="dtype of orig_target_sizes: int64 (official) or int32."),
+    simplify: bool = typer.Option(False, help="Simplify with onnxslim (verified like the original)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
+) -> None:
+    """Export a model behind the deploy contract to a verified ONNX file."""
+    from .export import export_onnx
+
+    result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
+                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify)
+    if result.verify is not None:
+        console.print(result.verify.summary())
+    for note in result.lints:
+        console.print(f"[yellow]lint:[/yellow] {note}")
+    _print_signature(result.signature)
+    console.print(f"wrote {result.path} in {result.seconds:.1f} s")
+
+
+def _print_signature(signature) -> None:
+    table = Table(title="I/O signature")
+    for col in ("", "name", "dtype", "shape"):
+        table.add_column(col)
+    for row in signature.rows():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help=".onnx file, or an engine / .pt2 with its sidecar."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print an artifact's I/O signature and metadata; warn on int64 inputs."""
+    from .inspect import inspect_file
+
+    report = inspect_file(file)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        return
+    _print_signature(report.signature)
+    meta = Table(title=f"{report.kind} metadata")
+    meta.add_column("key")
+    meta.add_column("value", overflow="fold")
+    for k, v in sorted(report.metadata.items()):
+        meta.add_row(k, v if isinstance(v, str) else json.dumps(v))
+    console.print(meta)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="Engine, ONNX, .pt2, checkpoint or config name."),
+    images: List[Path] = typer.Argument(..., help="Image files or directories."),
+    output: Path = typer.Option(Path("runs/detect"), "--output", "-o", help="Output directory."),
+    backend: Optional[str] = typer.Option(None, help="onnxruntime, tensorrt, aoti, torch (default: from the file)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: the GPU if the backend can use it)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config for a weights file."),
+    score_threshold: float = typer.Option(0.3, help="Keep detections scoring at least this."),
+    batch_size: int = typer.Option(8, help="Images per engine call."),
+) -> None:
+    """Run a model on images; write detections.json (COCO results) and annotated images."""
+    from .run import run as run_images
+
+    options = {"config": config} if config else {}
+    result = run_images(model, images, output, backend=backend, device=device, score_threshold=score_threshold,
+                        batch_size=batch_size, **options)
+    n = sum(len(d.above(score_threshold).scores) for d in result.detections)
+    console.print(f"{len(result.detections)} images, {n} detections >= {score_threshold}: {result.results_path}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point: ToolkitError -> one line on stderr, exit 2."""
+    from .errors import ToolkitError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except ToolkitError as e:
+        if _state["verbose"]:
+            raise
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except (typer.Exit, SystemExit) as e:
+        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``rtdetr-deploy run``: preprocess images, infer with any engine, write COCO results and annotated images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .atomic import write_text
+from .detections import Detections, draw, split_batch
+from .engine import BaseEngine, load
+from .errors import InputError
+from .preprocessing import list_images, preprocess, read_image
+from .signature import INPUT_IMAGES, INPUT_SIZES, PreprocessSpec
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    detections: list[Detections]
+    files: list[Path]
+    results_path: Path
+
+
+def engine_preprocess(engine: BaseEngine) -> PreprocessSpec:
+    """The engine's own preprocessing; for files without it, the fixed input size of ``images``."""
+    if engine.signature.preprocess is not None:
+        return engine.signature.preprocess
+    _, _, h, w = engine.signature.input(INPUT_IMAGES).shape
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise InputError("the engine declares no preprocessing and no fixed input size; re-export it with rtdetr-deploy export")
+    return PreprocessSpec(size=(h, w))
+
+
+def infer_images(engine: BaseEngine, paths: Sequence[Path], batch_size: int = 8) -> list[Detections]:
+    """Detections for each image file, batched within the engine's batch range."""
+    spec = engine_preprocess(engine)
+    _, hi = engine.signature.bounds("N")
+    step = min(batch_size, hi) if hi else batch_size
+    dets: list[Detections] = []
+    for i in range(0, len(paths), step):
+        images, sizes = preprocess([read_image(p) for p in paths[i:i + step]], spec)
+        out = engine.infer({INPUT_IMAGES: images.to(engine.device), INPUT_SIZES: sizes.to(engine.device)})
+        dets += split_batch(out)
+    return dets
+
+
+def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, backend: str | None = None,
+        device: str | None = None, score_threshold: float = 0.3, batch_size: int = 8, draw_images: bool = True,
+        **options: Any) -> RunResult:
+    """Run ``model`` (anything :func:`toolkit.load` takes, or an Engine) on image files; write results to ``output_dir``."""
+    engine = model if isinstance(model, BaseEngine) else load(model, backend=backend, device=device, **options)
+    paths = list_images(images)
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dets = infer_images(engine, paths, batch_size)
+    records, files = [], []
+    for image_id, (path, d) in enumerate(zip(paths, dets), start=1):
+        kept = d.above(score_threshold)
+        records += kept.to_coco(image_id, path.name)
+        if draw_images:
+            target = out_dir / f"{path.stem}.det.png"
+            draw(read_image(path), kept, engine.class_names, target)
+            files.append(target)
+    results = write_text(out_dir / "detections.json", json.dumps(records, indent=1))
+    return RunResult(out_dir, dets, files, results)
