@@ -47,6 +47,7 @@ class BoundInputs:
 
     tensors: dict[str, torch.Tensor]
     dims: dict[str, int]
+    outputs: dict[str, torch.Tensor] | None = None  # caller-provided output buffers, already checked
 
 
 class Binder:
@@ -84,6 +85,20 @@ class Binder:
         dims: dict[str, int] = {}
         tensors = {spec.name: self._bind_one(spec, feeds[spec.name], dims) for spec in self.signature.inputs}
         return BoundInputs(tensors, dims)
+
+    def check_outputs(self, outputs: Mapping[str, torch.Tensor], dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Caller-provided output buffers must be exactly what the engine writes: no conversion is possible."""
+        if set(outputs) != set(self.signature.output_names):
+            raise BindingError(f"outputs= must name exactly {', '.join(self.signature.output_names)}; got {', '.join(sorted(outputs))}")
+        for spec in self.signature.outputs:
+            t = outputs[spec.name]
+            shape = resolve_shape(spec, dims)
+            want = dtypes.get(spec.dtype).torch
+            if t.dtype != want or (shape is not None and tuple(t.shape) != shape) or not self._on_device(t.device) or not t.is_contiguous():
+                raise BindingError(f"output {spec.name}: engine writes {spec.dtype} {list(shape) if shape else spec.shape} on {self.device} "
+                                   f"(contiguous), got {_dt(t.dtype)} {_shape(t)} on {t.device}"
+                                   + ("" if t.is_contiguous() else " (not contiguous)") + "; allocate it with torch.empty(shape, dtype=..., device=...)")
+        return dict(outputs)
 
     def _expect(self, spec: TensorSpec, t: torch.Tensor) -> str:
         return f"{spec.name}: engine expects {spec.describe()} on {self.device}, got {_dt(t.dtype)} {_shape(t)} on {t.device}"
@@ -124,8 +139,11 @@ class Binder:
                                    f"[{lo}, {hi}]; split the batch or rebuild the engine with a larger profile")
             dims[str(want)] = got
 
+    def _on_device(self, device: torch.device) -> bool:
+        return device.type == self.device.type and (self.device.index is None or device.index in (None, self.device.index))
+
     def _check_device(self, spec: TensorSpec, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == self.device.type and (self.device.index is None or t.device.index == self.device.index):
+        if self._on_device(t.device):
             return t
         if self.copy_to_device:
             return t.to(self.device)

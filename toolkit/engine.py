@@ -51,9 +51,15 @@ class BaseEngine:
         self.binder = Binder(signature, self.device, cast=cast, copy_to_device=copy_to_device, check_values=check_values)
         self._local = threading.local()
 
-    def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Check ``feeds`` against the signature (raises BindingError), run, return the outputs by name."""
+    def infer(self, feeds: Mapping[str, Any], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Check ``feeds`` against the signature (raises BindingError), run, return the outputs by name.
+
+        ``outputs``: optional pre-allocated tensors (exact dtype, shape, device, contiguous) that backends
+        binding by pointer write into and return as they are; otherwise the engine allocates them.
+        """
         bound = self.binder.bind(feeds)
+        if outputs is not None:
+            bound.outputs = self.binder.check_outputs(outputs, bound.dims)
         return self._run(bound)
 
     def __call__(self, **feeds: Any) -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ class VerifyReport:
         lines = [f"verify: {'PASS' if self.ok else 'FAIL'}"]
         for c in self.checks:
             sel = "n/a" if c.selection_max_diff is None else f"{c.selection_max_diff:.2e}"
-            fin = ("not compared (tied selection)" if c.tied else
+            fin = ("not compared (tied selection)" if c.tied else "not compared (earlier problem)" if c.final_max_box_diff is None else
                    f"{c.final_compared} detections, max box diff {c.final_max_box_diff:.3g} px, "
                    f"max score diff {c.final_max_score_diff:.2e}, label mismatches {c.final_label_mismatches}")
             lines.append(f"  batch {c.batch}: selection scores max diff {sel}; final outputs: {fin}")

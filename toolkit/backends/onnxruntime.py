@@ -87,7 +87,7 @@ class OnnxRuntimeEngine(BaseEngine):
 
         device_type = "cuda" if self.device.type == "cuda" else "cpu"
         device_id = self.device.index or 0
-        outputs = allocate_outputs(self.signature, bound.dims, self.device)
+        outputs = bound.outputs or allocate_outputs(self.signature, bound.dims, self.device)
         caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
         if caller is not None and caller != self.stream:
             self.stream.wait_stream(caller)

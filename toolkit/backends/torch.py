@@ -24,7 +24,12 @@ class TorchEngine(BaseEngine):
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             out = self.model(bound.tensors[INPUT_IMAGES], bound.tensors[INPUT_SIZES])
-        return dict(zip(OUTPUTS, out))
+        result = dict(zip(OUTPUTS, out))
+        if bound.outputs is not None:  # eager torch allocates its own results: copy into the caller's buffers
+            for name, t in result.items():
+                bound.outputs[name].copy_(t)
+            return bound.outputs
+        return result
 
 
 def load(source: Any, device: torch.device | None = None, config: str | None = None, **options: Any) -> TorchEngine:
