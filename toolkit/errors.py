@@ -40,3 +40,7 @@ class MissingDependencyError(ToolkitError, ImportError):
 
 class InputError(ToolkitError):
     """An input file (image, result file, directory) that cannot be used."""
+
+
+class ComparisonError(ToolkitError):
+    """Two backends disagree, a sentinel fired on one of them, or a validation stage broke."""

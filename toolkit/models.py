@@ -216,8 +216,9 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
     """Any model the toolkit accepts, as a :class:`DeployModel`.
 
     ``source`` may be a DeployModel or nn.Module (``config`` gives class names and input size for a bare
-    module), a Hugging Face checkpoint directory, a weights file (.safetensors/.pth/.pt, needs ``config``),
-    or None to build ``config`` with random weights.
+    module), a Hugging Face checkpoint directory, a weights file (.safetensors/.pth/.pt, needs ``config``
+    unless it is an official RT-DETR checkpoint: see :mod:`toolkit.official`), or None to build ``config``
+    with random weights.
     """
     if isinstance(source, nn.Module):
         if isinstance(source, DeployModel):
@@ -234,12 +235,19 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
             raise ConfigError(f"give a checkpoint or a config name; known configs: {', '.join(available_configs())}")
         return build_model(config, seed=seed)
     path = Path(source)
+    if not path.exists() and isinstance(source, str) and source in available_configs():
+        return build_model(source, seed=seed)  # a config name: random weights
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such file or directory")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: a checkpoint directory needs config.json (a Hugging Face checkpoint)")
         return load_hf_directory(path)
+    from .official import load_official_checkpoint, looks_official
+
+    state = _read_state_dict(path)
+    if looks_official(state):  # a lyuwenyu/RT-DETR checkpoint: keys remapped, config inferred when not given
+        return load_official_checkpoint(state, config=config, name=str(path))
     if config is None:
         raise ConfigError(f"{path}: a weights file needs --config NAME; known configs: {', '.join(available_configs())}")
     return load_weights(build_model(config), path)

@@ -24,6 +24,7 @@ import torch
 
 from .contract import DeployModel
 from .matching import match_permutation
+from .numerics import tf32
 from .signature import INPUT_IMAGES, INPUT_SIZES
 
 SELECTION_ATOL = 1e-3  # encoder class logits; float32 reorderings stay far below this
@@ -98,7 +99,7 @@ def _torch_selection_scores(model: DeployModel, images: torch.Tensor, sizes: tor
     captured: dict[str, torch.Tensor] = {}
     handle = head(lambda _m, _i, out: captured.__setitem__("scores", out)) if head else None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), tf32(False):
             outputs = model(images, sizes)
     finally:
         if handle is not None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .. import numerics
 from ..binding import BoundInputs
 from ..engine import BaseEngine, default_device
 from ..models import load_model
@@ -13,16 +14,20 @@ from ..signature import INPUT_IMAGES, INPUT_SIZES, OUTPUTS
 
 
 class TorchEngine(BaseEngine):
-    """Runs a :class:`~toolkit.contract.DeployModel` eagerly. Thread-safe: forward under inference mode only reads."""
+    """Runs a :class:`~toolkit.contract.DeployModel` eagerly. Thread-safe: forward under inference mode only reads.
+
+    Computes in exact fp32 (TF32 off) unless ``tf32=True``; the caller's global TF32 settings are restored.
+    """
 
     backend = "torch"
 
-    def __init__(self, model: Any, device: torch.device, **options: Any) -> None:
+    def __init__(self, model: Any, device: torch.device, *, tf32: bool = False, **options: Any) -> None:
         self.model = model.to(device).eval()
+        self.tf32 = tf32
         super().__init__(model.signature(), device, class_names=model.class_names, **options)
 
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+        with torch.inference_mode(), numerics.tf32(self.tf32):
             out = self.model(bound.tensors[INPUT_IMAGES], bound.tensors[INPUT_SIZES])
         result = dict(zip(OUTPUTS, out))
         if bound.outputs is not None:  # eager torch allocates its own results: copy into the caller's buffers

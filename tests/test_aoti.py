@@ -1,0 +1,133 @@
+"""AOTInductor packages: build from the tiny model, load through toolkit.load, parity with ONNX Runtime, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import toolkit
+from toolkit.errors import ConfigError, EngineError
+from toolkit.matching import match_permutation
+from toolkit.sidecar import read_sidecar, sidecar_path
+
+
+@pytest.fixture(scope="module")
+def tiny_pt2(tiny_model, tmp_path_factory):
+    from toolkit.build.aoti import build_aoti
+
+    path = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
+    return build_aoti(tiny_model, path, batch=(1, 2, 4), device="cpu", progress=False)
+
+
+def _batch(sample_images, n):
+    images, sizes = sample_images
+    idx = torch.arange(n) % images.shape[0]
+    return images[idx].contiguous(), sizes[idx].contiguous()
+
+
+def _assert_detections_close(out, ref, *, box_atol, score_atol, score_band=1e-4):
+    """Per image, the detections of ``ref`` above its top-K boundary band are found in ``out`` (optimal matching)."""
+    diffs = []
+    for i in range(ref["scores"].shape[0]):
+        m = match_permutation({k: v[i] for k, v in ref.items()}, {k: v[i] for k, v in out.items()}, score_band=score_band)
+        assert m.compared > 0 and m.label_mismatches == 0, m
+        assert m.max_box_diff <= box_atol and m.max_score_diff <= score_atol, m
+        diffs.append(m)
+    return diffs
+
+
+def test_sidecar(tiny_pt2, tiny_model):
+    meta = read_sidecar(tiny_pt2)
+    assert meta["backend"] == "aoti" and meta["device"] == "cpu" and meta["precision"] == "fp32"
+    assert meta["batch"] == {"min": 1, "opt": 2, "max": 4} and meta["dynamic_batch"] is True
+    assert meta["torch_version"] == torch.__version__ and meta["class_names"] == tiny_model.class_names
+    assert meta["signature"]["dim_bounds"] == {"N": [1, 4]}
+    assert not list(tiny_pt2.parent.glob(".*"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_parity_with_onnxruntime(tiny_pt2, tiny_onnx, sample_images, n):
+    engine = toolkit.load(tiny_pt2)
+    assert engine.backend == "aoti" and engine.device.type == "cpu"
+    assert engine.class_names == ["circle", "square", "triangle", "star"]
+    ort = toolkit.load(tiny_onnx, device="cpu")
+    images, sizes = _batch(sample_images, n)
+    out = engine(images=images, orig_target_sizes=sizes)
+    ref = ort(images=images, orig_target_sizes=sizes)
+    assert out["labels"].dtype == torch.int64 and out["boxes"].dtype == torch.float32 and out["boxes"].shape == (n, 100, 4)
+    _assert_detections_close(out, ref, box_atol=0.1, score_atol=1e-4)
+
+
+def test_batch_outside_range_is_refused(tiny_pt2, sample_images):
+    images, sizes = _batch(sample_images, 5)
+    with pytest.raises(toolkit.BindingError, match=r"outside the engine's range \[1, 4\]"):
+        toolkit.load(tiny_pt2)(images=images, orig_target_sizes=sizes)
+
+
+def test_missing_sidecar(tiny_pt2, tmp_path):
+    bare = tmp_path / "bare.pt2"
+    shutil.copy(tiny_pt2, bare)
+    with pytest.raises(EngineError, match="sidecar"):
+        toolkit.load(bare)
+
+
+def test_cuda_package_refused_on_cpu(tiny_pt2, tmp_path):
+    fake = tmp_path / "cuda.pt2"
+    shutil.copy(tiny_pt2, fake)
+    meta = read_sidecar(tiny_pt2) | {"device": "cuda", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+    sidecar_path(fake).write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match="compiled for CUDA"):
+        toolkit.load(fake, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="CUDA"):
+            toolkit.load(fake)
+
+
+def test_corrupted_package(tiny_pt2, tmp_path):
+    bad = tmp_path / "bad.pt2"
+    data = tiny_pt2.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    shutil.copy(sidecar_path(tiny_pt2), sidecar_path(bad))
+    with pytest.raises(EngineError, match="cannot load"):
+        toolkit.load(bad)
+
+
+def test_build_refusals(tiny_model, tmp_path):
+    from toolkit.build.aoti import build_aoti, build_from_model
+
+    with pytest.raises(ConfigError, match="precision"):
+        build_aoti(tiny_model, tmp_path / "m.pt2", precision="int8")
+    with pytest.raises(ConfigError, match="batch"):
+        build_aoti(tiny_model, tmp_path / "m.pt2", batch=(4, 2, 8))
+    with pytest.raises(ConfigError, match=".pt2"):
+        build_aoti(tiny_model, tmp_path / "m.engine")
+    with pytest.raises(ConfigError, match="from an ONNX file"):
+        build_from_model(tiny_model, tmp_path / "m.engine", backend="tensorrt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_package(tiny_model, tiny_onnx, sample_images, tmp_path, precision):
+    from toolkit.build.aoti import build_aoti
+
+    path = build_aoti(tiny_model, tmp_path / f"tiny_{precision}.pt2", precision=precision, batch=(1, 2, 4), device="cuda", progress=False)
+    meta = read_sidecar(path)
+    assert meta["device"] == "cuda" and meta["precision"] == precision and meta["compute_capability"]
+    engine = toolkit.load(path)
+    assert engine.device.type == "cuda"
+    with pytest.raises(EngineError, match="compiled for CUDA"):
+        toolkit.load(path, device="cpu")
+    ref_engine = toolkit.load(tiny_model, backend="torch", device="cuda")
+    for n in (2, 3):
+        images, sizes = (t.cuda() for t in _batch(sample_images, n))
+        out = engine(images=images, orig_target_sizes=sizes)
+        ref = ref_engine(images=images, orig_target_sizes=sizes)
+        if precision == "fp32":
+            _assert_detections_close(out, ref, box_atol=0.1, score_atol=1e-4)
+        else:  # half-precision body: detection-aware comparison of the confident detections
+            _assert_half_close(out, ref)
+

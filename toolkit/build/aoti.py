@@ -1,0 +1,186 @@
+"""Build an AOTInductor package (``.pt2``) from a model: ``torch.export`` then ``aoti_compile_and_package``.
+
+AOTInductor compiles from the torch model, not from ONNX: :func:`build_aoti` takes anything
+:func:`toolkit.models.load_model` accepts. The package has a dynamic batch in ``[min, max]`` (one
+package serves every batch size of the range) and a sidecar ``MODEL.pt2.json`` that records what
+:mod:`toolkit.backends.aoti` needs to run or refuse it: device type (and GPU, compute capability),
+precision, batch range, the deploy signature and the class names.
+
+Dynamic batch: transformers' RT-DETR computes ``batch_size = len(source_flatten)`` in its forward.
+Under non-strict ``torch.export`` ``len()`` of a tensor must return a Python int, which pins the
+symbolic batch to the example's size ("Constraints violated (N)"). :func:`_symbolic_len` shadows
+``len`` in the transformers modules of the model, for the duration of the export only, with one that
+returns ``tensor.shape[0]`` (a SymInt under export, the same int in eager), so the batch stays symbolic.
+
+``precision="fp16"`` puts the network body in half precision; the deploy postprocess (sigmoid, top-K,
+box scaling) stays fp32 since :func:`toolkit.contract.postprocess` casts logits and boxes to float.
+I/O is fp32 images / int64 sizes either way.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import copy
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..atomic import check_output_path
+from ..contract import DeployModel
+from ..errors import ConfigError, ExportError
+from ..models import load_model
+from ..signature import CONTRACT_VERSION
+from ..sidecar import write_sidecar
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+
+class _Body(nn.Module):
+    """The deploy model with its body in ``dtype``: images are cast on the way in, the postprocess stays fp32."""
+
+    def __init__(self, deploy: DeployModel, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.deploy = deploy.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.deploy(images.to(self.dtype), orig_target_sizes)
+
+
+@contextlib.contextmanager
+def _symbolic_len(model: nn.Module) -> Iterator[None]:
+    """Shadow ``len`` in the transformers modules of ``model`` so that ``len(tensor)`` keeps a symbolic batch."""
+
+    def symbolic_len(obj: Any) -> Any:
+        return obj.shape[0] if isinstance(obj, torch.Tensor) else builtins.len(obj)
+
+    modules = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__module__.startswith("transformers.")}
+    saved = {m: m.__dict__["len"] for m in modules if "len" in m.__dict__}
+    for m in modules:
+        m.len = symbolic_len
+    try:
+        yield
+    finally:
+        for m in modules:
+            if m in saved:
+                m.len = saved[m]
+            else:
+                del m.len
+
+
+def _check_options(precision: str, batch: tuple[int, int, int], device: str) -> tuple[int, int, int]:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} for AOTInductor, got {precision!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' needs a CUDA GPU and a CUDA build of torch; none is available here (build with device='cpu')")
+    if device == "cpu" and precision != "fp32":
+        raise ConfigError(f"{precision} AOTInductor packages are built for CUDA only; use precision='fp32' for a CPU package")
+    try:
+        lo, opt, hi = (int(b) for b in batch)
+    except (TypeError, ValueError):
+        raise ConfigError(f"batch must be (min, opt, max), got {batch!r}") from None
+    if not 1 <= lo <= opt <= hi:
+        raise ConfigError(f"batch must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
+    return lo, opt, hi
+
+
+def _export(module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int) -> Any:
+    """``torch.export`` with a dynamic batch in [lo, hi] (static when lo == hi)."""
+    dynamic_shapes = None
+    if lo < hi:
+        n = torch.export.Dim("N", min=lo, max=hi)
+        dynamic_shapes = {"images": {0: n}, "orig_target_sizes": {0: n}}
+    try:
+        with _symbolic_len(module), torch.no_grad():
+            return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise ExportError(f"torch.export failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
+
+
+def build_aoti(
+    model: Any,
+    output: str | Path,
+    *,
+    precision: str = "fp32",
+    batch: tuple[int, int, int] = (1, 1, 8),
+    device: str = "cpu",
+    progress: bool = True,
+    config: str | None = None,
+    inductor_configs: dict[str, Any] | None = None,
+) -> Path:
+    """Compile ``model`` to an AOTInductor package at ``output`` (``.pt2``) plus its sidecar; returns the path.
+
+    ``model``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file).
+    ``batch``: (min, opt, max) of the dynamic batch; the package runs any batch in [min, max].
+    ``device``: "cpu" or "cuda" (a CUDA package runs only on CUDA GPUs of the compute capability it was
+    built on). ``inductor_configs``: extra ``torch._inductor`` options for the compile (e.g.
+    ``{"max_autotune": True}`` on CUDA); they cost build time only, never load time.
+    """
+    from rich.console import Console
+
+    from .. import __version__
+
+    output = check_output_path(output)
+    if output.suffix != ".pt2":
+        raise ConfigError(f"an AOTInductor package must end in .pt2, got {output.name}")
+    lo, opt, hi = _check_options(precision, batch, device)
+    deploy = load_model(model, config=config).eval()
+    body = _Body(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
+    h, w = deploy.preprocess.size
+    n = min(max(opt, 2), hi) if lo < hi else lo  # an example batch of 1 would be specialized by export
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, h, w, generator=gen).to(device)
+    sizes = torch.tensor([[w, h]] * n, dtype=torch.int64, device=device)
+
+    status = Console(stderr=True).status("exporting with torch.export", spinner="dots") if progress else contextlib.nullcontext()
+    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        with status:
+            program = _export(body, (images, sizes), lo, hi)
+            if progress:
+                status.update(f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU")
+            tmp = tmpdir / output.name
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_configs or {})
+            except Exception as e:
+                raise ExportError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    info: dict[str, Any] = {
+        "backend": "aoti",
+        "toolkit_version": __version__,
+        "torch_version": torch.__version__,
+        "contract_version": CONTRACT_VERSION,
+        "device": device,
+        "precision": precision,
+        "batch": {"min": lo, "opt": opt, "max": hi},
+        "dynamic_batch": lo < hi,
+        "config_name": deploy.name,
+        "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(),
+        "class_names": deploy.class_names,
+    }
+    if device == "cuda":
+        index = torch.device(device).index or torch.cuda.current_device()
+        info["gpu_name"] = torch.cuda.get_device_name(index)
+        info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(index))
+    write_sidecar(output, info)
+    return output
+
+
+def build_from_model(model: Any, output: str | Path, backend: str = "aoti", **options: Any) -> Path:
+    """Build dispatcher for backends that compile from the torch model rather than the ONNX file."""
+    if backend != "aoti":
+        raise ConfigError(f"backend {backend!r} builds from an ONNX file, not from a model; model builds: aoti")
+    return build_aoti(model, output, **options)

@@ -1,0 +1,222 @@
+"""``validate``: "verify each stage" as one call, with a table of stages and the first one that went wrong.
+
+Stages, in order: ``preprocess`` (finite, in the declared value range, sizes equal to the decoded
+images, deterministic), ``torch`` (eager; sentinels only, it is the reference), ``onnxruntime`` (the file
+written by :func:`toolkit.export.export_onnx`), then each further backend built by ``toolkit.build`` when
+that module is importable and the backend's library is installed (otherwise the stage is listed as
+skipped with the reason). Every model stage is compared with the one before and with torch by
+:func:`toolkit.compare.judge`. ``perturb`` breaks a stage on purpose (tests, demos): a callable per stage
+name applied to that stage's output (``{images, orig_target_sizes}`` for ``preprocess``, ``{labels,
+boxes, scores}`` for a model stage).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+
+from .atomic import write_text
+from .compare import CompareReport, Side, Thresholds, _replay, judge, synthetic_images
+from .detections import split_batch
+from .engine import BaseEngine, load
+from .errors import InputError, MissingDependencyError, ToolkitError
+from .sentinels import check_outputs
+from .signature import INPUT_IMAGES, INPUT_SIZES
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+REPORT_FORMAT = "rtdetr-deploy/validate/1"
+BUILT_BACKENDS = {"aoti": ".pt2", "tensorrt": ".engine"}  # built by toolkit.build from the ONNX file
+Perturb = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class StageResult:
+    """One stage: ``status`` is ``pass``, ``fail`` or ``skipped``; comparisons are None where not run."""
+
+    name: str
+    status: str
+    detail: str = ""
+    vs_previous: CompareReport | None = None
+    vs_torch: CompareReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail,
+                "vs_previous": self.vs_previous.to_dict() if self.vs_previous else None,
+                "vs_torch": self.vs_torch.to_dict() if self.vs_torch else None}
+
+
+@dataclass
+class ValidateReport:
+    """Stages in order; ``first_failure`` names the first broken one; ``ok`` when none failed."""
+
+    stages: list[StageResult]
+    workdir: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def first_failure(self) -> str | None:
+        return next((s.name for s in self.stages if s.status == "fail"), None)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_failure is None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def summary(self) -> str:
+        head = "validate: PASS" if self.ok else f"validate: FAIL, first broken stage: {self.first_failure}"
+        return "\n".join([head] + [f"  {s.name}: {s.status}" + (f": {s.detail}" if s.detail else "") for s in self.stages])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable keys: format, ok, first_failure, workdir, stages (name, status, detail, vs_previous, vs_torch)."""
+        return {"format": REPORT_FORMAT, "ok": self.ok, "first_failure": self.first_failure, "workdir": str(self.workdir),
+                "stages": [s.to_dict() for s in self.stages]}
+
+    def table(self) -> "Table":
+        from rich.table import Table
+
+        table = Table(title=self.summary().splitlines()[0])
+        for col in ("stage", "status", "vs previous", "vs torch", "detail"):
+            table.add_column(col, overflow="fold")
+        colours = {"pass": "green", "fail": "red", "skipped": "yellow"}
+        for s in self.stages:
+            table.add_row(s.name, f"[{colours[s.status]}]{s.status}[/{colours[s.status]}]", _verdict(s.vs_previous),
+                          _verdict(s.vs_torch), s.detail)
+        return table
+
+    def markdown(self) -> str:
+        lines = [f"# {self.summary().splitlines()[0]}", "", "| stage | status | vs previous | vs torch | detail |", "|---|---|---|---|---|"]
+        lines += [f"| {s.name} | {s.status} | {_verdict(s.vs_previous)} | {_verdict(s.vs_torch)} | {s.detail} |" for s in self.stages]
+        return "\n".join(lines) + "\n"
+
+    def write(self, directory: str | Path) -> list[Path]:
+        """report.json and report.md in ``directory``, written atomically."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.files = [write_text(out / "report.json", json.dumps(self.to_dict(), indent=2) + "\n"),
+                      write_text(out / "report.md", self.markdown())]
+        return self.files
+
+
+def _verdict(report: CompareReport | None) -> str:
+    return "-" if report is None else f"{'pass' if report.ok else 'FAIL'} ({report.verdict})"
+
+
+def _check_inputs(inputs: dict[str, torch.Tensor], decoded_wh: list[tuple[int, int]], again: dict[str, torch.Tensor],
+                  value_range: tuple[float, float]) -> list[str]:
+    images, sizes = inputs[INPUT_IMAGES], inputs[INPUT_SIZES]
+    problems = []
+    if not torch.isfinite(images).all():
+        problems.append("images contain NaN or Inf")
+    lo, hi = value_range
+    if images.numel() and (images.min() < lo - 1e-3 or images.max() > hi + 1e-3):
+        problems.append(f"images range {images.min().item():.3g}..{images.max().item():.3g}, outside the declared {lo}..{hi}")
+    if [tuple(map(int, s)) for s in sizes.tolist()] != decoded_wh:
+        problems.append(f"orig_target_sizes {sizes.tolist()} differ from the decoded images' (w, h) {decoded_wh}")
+    if any(not torch.equal(inputs[k], again[k]) for k in inputs):
+        problems.append("preprocessing the same files twice gave different tensors")
+    return problems
+
+
+def _build(name: str, source: Any, workdir: Path) -> tuple[BaseEngine | None, str]:
+    """(engine, "") or (None, why it is skipped). ``source``: the ONNX file (TensorRT) or the model (AOTInductor)."""
+    try:
+        from .build import build_engine
+    except ImportError as e:
+        return None, f"toolkit.build is not available ({e})"
+    try:
+        built = build_engine(source, workdir / f"model{BUILT_BACKENDS[name]}", backend=name)
+    except (MissingDependencyError, ImportError) as e:
+        return None, f"cannot build {name} here: {e}"
+    return load(getattr(built, "path", built), backend=name), ""
+
+
+def validate(
+    checkpoint: Any,
+    backends: Sequence[str] = ("torch", "onnxruntime"),
+    images: Sequence[str | Path] | str | Path | None = None,
+    workdir: str | Path | None = None,
+    *,
+    config: str | None = None,
+    score_threshold: float = 0.3,
+    thresholds: Thresholds = Thresholds(),
+    perturb: Mapping[str, Perturb] | None = None,
+) -> ValidateReport:
+    """Run every stage of the deployment path on the same images and judge each; see the module docstring.
+
+    ``checkpoint``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file or a
+    config name with random weights). ``workdir`` keeps the exported and built files (a temporary
+    directory, deleted afterwards, when None). The torch stage always runs: it is the reference.
+    """
+    from .export import export_onnx
+    from .models import load_model
+    from .preprocessing import list_images, preprocess, read_image
+
+    unknown = [b for b in backends if b not in ("torch", "onnxruntime", *BUILT_BACKENDS)]
+    if unknown:
+        raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from torch, onnxruntime, {', '.join(BUILT_BACKENDS)}")
+    perturb = dict(perturb or {})
+    model = load_model(checkpoint, config=config)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir) if workdir is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if isinstance(images, (str, Path)):
+            images = [images]
+        paths = list_images(images) if images is not None else synthetic_images(tmp)
+        keys = [p.name for p in paths]
+        decoded = [read_image(p) for p in paths]
+        batch, sizes = preprocess(decoded, model.preprocess)
+        inputs = {INPUT_IMAGES: batch, INPUT_SIZES: sizes}
+        if "preprocess" in perturb:
+            inputs = perturb["preprocess"](inputs)
+        again = dict(zip((INPUT_IMAGES, INPUT_SIZES), preprocess(decoded, model.preprocess)))
+        problems = _check_inputs(inputs, [(int(im.shape[-1]), int(im.shape[-2])) for im in decoded], again,
+                                 model.preprocess.value_range)
+        stages = [StageResult("preprocess", "fail" if problems else "pass", "; ".join(problems))]
+
+        def run_stage(name: str, engine: BaseEngine) -> Side:
+            side = _replay(engine, name, inputs, keys)
+            if name in perturb:
+                out = {"labels": torch.stack([d.labels for d in side.detections]),
+                       "boxes": torch.stack([d.boxes_xyxy for d in side.detections]),
+                       "scores": torch.stack([d.scores for d in side.detections])}
+                side.detections = split_batch(perturb[name](out))
+            return side
+
+        torch_side = run_stage("torch", load(model, backend="torch", device="cpu"))
+        fired = check_outputs("torch", torch_side.detections, keys, score_threshold=score_threshold,
+                              sizes_wh=torch_side.sizes_wh, num_classes=model.num_classes, sizes_dtype=torch_side.sizes_dtype)
+        stages.append(StageResult("torch", "fail" if fired else "pass", "; ".join(f.message for f in fired)))
+        previous = torch_side
+        onnx_path = work / "model.onnx"
+        for name in [b for b in ("onnxruntime", *BUILT_BACKENDS) if b in backends]:
+            try:
+                if not onnx_path.exists():  # every later stage is built from the exported file
+                    export_onnx(model, onnx_path)
+                if name == "onnxruntime":
+                    engine: BaseEngine | None = load(onnx_path, backend="onnxruntime", device="cpu")
+                    why = ""
+                else:
+                    engine, why = _build(name, model if name == "aoti" else onnx_path, work)
+            except ToolkitError as e:
+                stages.append(StageResult(name, "fail", f"{e.__class__.__name__}: {str(e).splitlines()[0]}"))
+                continue
+            if engine is None:
+                stages.append(StageResult(name, "skipped", why))
+                continue
+            side = run_stage(name, engine)
+            vs_prev = judge(previous, side, score_threshold, thresholds)
+            vs_torch = vs_prev if previous is torch_side else judge(torch_side, side, score_threshold, thresholds)
+            failed = [r for r in (vs_prev, vs_torch) if not r.ok]
+            detail = " ".join(line.strip() for line in failed[0].summary().splitlines()[:2]) if failed else ""
+            stages.append(StageResult(name, "fail" if failed else "pass", detail, vs_prev, vs_torch))
+            previous = side
+        return ValidateReport(stages, work)
