@@ -128,6 +128,6 @@ def test_cuda_package(tiny_model, tiny_onnx, sample_images, tmp_path, precision)
         ref = ref_engine(images=images, orig_target_sizes=sizes)
         if precision == "fp32":
             _assert_detections_close(out, ref, box_atol=0.1, score_atol=1e-4)
-        else:  # half-precision body: detection-aware comparison of the confident detections
-            _assert_half_close(out, ref)
+        else:  # half-precision body: boxes within 1% of the image, scores within 0.01, boundary band 0.02
+            _assert_detections_close(out, ref, box_atol=6.4, score_atol=1e-2, score_band=2e-2)
 

@@ -136,7 +136,7 @@ def compare(
     console.print(result.table())
     console.print(result.summary(), highlight=False, soft_wrap=True)
     if not result.ok:
-        raise typer.Exit(1)
+        raise SystemExit(1)  # typer.Exit(1) is returned, not raised, by app(standalone_mode=False)
 
 
 @app.command()
@@ -156,7 +156,7 @@ def validate(
         result.write(report)
     console.print(result.table())
     if not result.ok:
-        raise typer.Exit(1)
+        raise SystemExit(1)  # typer.Exit(1) is returned, not raised, by app(standalone_mode=False)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -95,7 +95,7 @@ class ImageStats:
     unmatched_b: int
     near_threshold: int  # unmatched, tolerated: within the score margin of the threshold
     label_disagreements: int
-    iou_min: float | None
+    iou_min: float | None  # raw IoU of matched pairs; the verdict counts pairs within subpixel_px as IoU 1
     iou_median: float | None
     shift_median_px: float | None
     score_delta_max: float | None
@@ -214,6 +214,14 @@ def _valid(d: Detections, min_score: float) -> Detections:
     return Detections(d.labels[keep], d.boxes_xyxy[keep].double(), d.scores[keep].double())
 
 
+def _effective_iou(a: torch.Tensor, b: torch.Tensor, th: Thresholds) -> torch.Tensor:
+    """IoU [len(a), len(b)], with pairs whose coordinates all moved at most ``th.subpixel_px`` counted as 1."""
+    from torchvision.ops import box_iou
+
+    close = (a[:, None, :] - b[None, :, :]).abs().amax(-1) <= th.subpixel_px
+    return torch.where(close, torch.ones_like(close, dtype=a.dtype), box_iou(a, b))
+
+
 def match_image(key: str, a: Detections, b: Detections, score_threshold: float, th: Thresholds,
                 size_wh: tuple[int, int] | None = None) -> ImageStats:
     """Pair one image's detections of two backends (per label, optimal assignment on IoU) and judge them."""
@@ -228,7 +236,7 @@ def match_image(key: str, a: Detections, b: Detections, score_threshold: float, 
         ia, ib = (A.labels == label).nonzero().flatten(), (B.labels == label).nonzero().flatten()
         if len(ia) == 0 or len(ib) == 0:
             continue
-        iou = box_iou(A.boxes_xyxy[ia], B.boxes_xyxy[ib])
+        iou = _effective_iou(A.boxes_xyxy[ia], B.boxes_xyxy[ib], th)
         cost = (1 - iou) + (A.scores[ia, None] - B.scores[None, ib]).abs() + 1e6 * (iou < th.match_iou)
         rows, cols = linear_sum_assignment(cost.numpy())
         for r, c in zip(rows.tolist(), cols.tolist()):
@@ -247,7 +255,7 @@ def match_image(key: str, a: Detections, b: Detections, score_threshold: float, 
             others = (other.labels != mine.labels[i]).nonzero().flatten()
             what = (f"label {int(mine.labels[i])} score {mine.scores[i]:.3f} box "
                     f"{[round(v, 1) for v in mine.boxes_xyxy[i].tolist()]}")
-            if len(others) and box_iou(mine.boxes_xyxy[i:i + 1], other.boxes_xyxy[others]).max() > th.label_iou:
+            if len(others) and _effective_iou(mine.boxes_xyxy[i:i + 1], other.boxes_xyxy[others], th).max() > th.label_iou:
                 relabelled.append(what)
             else:
                 lacking.append(what)
@@ -272,14 +280,16 @@ def match_image(key: str, a: Detections, b: Detections, score_threshold: float, 
     ib = torch.tensor([p[1] for p in pairs])
     ious = box_iou(A.boxes_xyxy[ia], B.boxes_xyxy[ib]).diagonal()
     shifts = (A.boxes_xyxy[ia] - B.boxes_xyxy[ib]).abs().amax(-1)
+    judged = torch.where(shifts <= th.subpixel_px, torch.ones_like(ious), ious)
     deltas = (A.scores[ia] - B.scores[ib]).abs()
     stats.iou_min, stats.iou_median = float(ious.min()), float(ious.median())
     stats.shift_median_px, stats.score_delta_max = float(shifts.median()), float(deltas.max())
-    poor = (ious < th.min_iou) & (shifts > th.subpixel_px)
+    poor = judged < th.min_iou
     if poor.any():
-        problems.append(f"{int(poor.sum())} matched box(es) with IoU below {th.min_iou} (lowest {float(ious[poor].min()):.3f})")
-    if stats.iou_median < th.median_iou:
-        problems.append(f"median IoU {stats.iou_median:.3f} below {th.median_iou}")
+        problems.append(f"{int(poor.sum())} matched box(es) moved more than {th.subpixel_px} px with IoU below {th.min_iou} "
+                        f"(lowest {float(ious[poor].min()):.3f})")
+    if float(judged.median()) < th.median_iou:
+        problems.append(f"median IoU {float(judged.median()):.3f} below {th.median_iou} (pairs within {th.subpixel_px} px count as 1)")
     shift_tol = max(th.median_shift_px, th.shift_fraction * max(size_wh)) if size_wh else th.median_shift_px
     if stats.shift_median_px > shift_tol:
         problems.append(f"boxes moved by {stats.shift_median_px:.2f} px (median over matches; tolerance {shift_tol:.2f} px)")

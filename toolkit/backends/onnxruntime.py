@@ -85,12 +85,31 @@ class OnnxRuntimeEngine(BaseEngine):
         names = json.loads(meta["class_names"]) if "class_names" in meta else []
         super().__init__(signature, device, class_names=names, **options)
         self.path = path
+        self.cuda_graph = cuda_graph
+        self._static: tuple[dict[str, int], BoundInputs, dict[str, torch.Tensor]] | None = None
+
+    def _graph_buffers(self, bound: BoundInputs) -> BoundInputs:
+        """ORT replays its CUDA graph on the addresses of its first run: copy into fixed buffers (one shape per engine)."""
+        if self._static is None:
+            static_in = {k: v.clone() for k, v in bound.tensors.items()}
+            self._static = (dict(bound.dims), BoundInputs(static_in, dict(bound.dims)),
+                            allocate_outputs(self.signature, bound.dims, self.device))
+        dims, static, outputs = self._static
+        if dims != bound.dims:
+            raise EngineError(f"this ONNX Runtime engine captured a CUDA graph for {dims}; got {bound.dims}: "
+                              "load one engine per batch size with cuda_graph=True")
+        for k, v in bound.tensors.items():
+            static.tensors[k].copy_(v)
+        return BoundInputs(static.tensors, static.dims, outputs)
 
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
         import numpy as np
 
         device_type = "cuda" if self.device.type == "cuda" else "cpu"
         device_id = self.device.index or 0
+        caller_outputs = bound.outputs
+        if self.cuda_graph:
+            bound = self._graph_buffers(bound)
         outputs = bound.outputs or allocate_outputs(self.signature, bound.dims, self.device)
         caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
         if caller is not None and caller != self.stream:
@@ -111,6 +130,8 @@ class OnnxRuntimeEngine(BaseEngine):
                        for s, v in zip(self.signature.outputs, binding.get_outputs())}
         if caller is not None and caller != self.stream:
             caller.wait_stream(self.stream)
+        if self.cuda_graph:  # the graph's buffers are reused by the next call: hand out copies
+            outputs = {k: caller_outputs[k].copy_(v) if caller_outputs else v.clone() for k, v in outputs.items()}
         for t in bound.tensors.values():  # keep inputs alive until the engine's stream is done with them
             if t.is_cuda:
                 t.record_stream(self.stream)

@@ -9,6 +9,7 @@ import torch
 from .. import numerics
 from ..binding import BoundInputs
 from ..engine import BaseEngine, default_device
+from ..errors import EngineError
 from ..models import load_model
 from ..signature import INPUT_IMAGES, INPUT_SIZES, OUTPUTS
 
@@ -17,17 +18,25 @@ class TorchEngine(BaseEngine):
     """Runs a :class:`~toolkit.contract.DeployModel` eagerly. Thread-safe: forward under inference mode only reads.
 
     Computes in exact fp32 (TF32 off) unless ``tf32=True``; the caller's global TF32 settings are restored.
+    ``precision="fp16"``/``"bf16"`` runs the network body under autocast; I/O and the postprocess stay fp32.
     """
 
     backend = "torch"
 
-    def __init__(self, model: Any, device: torch.device, *, tf32: bool = False, **options: Any) -> None:
+    def __init__(self, model: Any, device: torch.device, *, tf32: bool = False, precision: str = "fp32", **options: Any) -> None:
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise EngineError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        self.autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.model = model.to(device).eval()
         self.tf32 = tf32
+        inner = getattr(model.model, "model", None)
+        if getattr(inner, "anchors", None) is not None:  # plain attributes, not buffers: .to() leaves them on the CPU
+            inner.anchors, inner.valid_mask = inner.anchors.to(device), inner.valid_mask.to(device)
         super().__init__(model.signature(), device, class_names=model.class_names, **options)
 
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
-        with torch.inference_mode(), numerics.tf32(self.tf32):
+        autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        with torch.inference_mode(), numerics.tf32(self.tf32), autocast:
             out = self.model(bound.tensors[INPUT_IMAGES], bound.tensors[INPUT_SIZES])
         result = dict(zip(OUTPUTS, out))
         if bound.outputs is not None:  # eager torch allocates its own results: copy into the caller's buffers

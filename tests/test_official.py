@@ -1,0 +1,219 @@
+"""Official RT-DETR / RT-DETRv2 checkpoints: configs, key remap, loader, export (no downloads).
+
+The manifests in tests/data/official_manifests list the official models' state-dict names, shapes and dtypes
+(read from the official model definitions, see each file's header). Synthetic checkpoints built from them stand
+in for the real weights, which cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from toolkit.errors import CheckpointError, ConfigError
+from toolkit.models import build_model, load_config, load_model
+from toolkit.official import (OFFICIAL_CONFIGS, inference_parameter_count, infer_config, load_official_checkpoint,
+                              official_key, plan_load, remap_state_dict)
+
+MANIFESTS = Path(__file__).parent / "data" / "official_manifests"
+PUBLISHED_PARAMS_M = {"r18vd": 20, "r34vd": 31, "r50vd_m": 36, "r50vd": 42, "r101vd": 76}  # RT-DETR / RT-DETRv2 papers
+
+
+def manifest(name: str) -> dict:
+    return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+def meta_state(name: str) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device="meta") for k, v in manifest(name)["tensors"].items()}
+
+
+def synthetic_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of the manifest's names/shapes/dtypes, scaled so that the network's activations stay finite."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, spec in manifest(name)["tensors"].items():
+        shape, dtype = spec["shape"], getattr(torch, spec["dtype"])
+        if dtype == torch.bool:
+            state[key] = torch.rand(shape, generator=gen) > 0.5
+        elif not dtype.is_floating_point:
+            state[key] = torch.randint(0, 1000, shape, generator=gen, dtype=dtype)
+        elif len(shape) >= 2:
+            state[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith(("weight", "running_var", "num_points_scale")):  # 1-D: norm scales, variances
+            state[key] = torch.rand(shape, generator=gen) * 0.5 + 0.75
+        else:
+            state[key] = torch.randn(shape, generator=gen) * 0.1
+    return state
+
+
+@dataclass
+class NotATensor:  # a pickled object: needs weights_only=False, which the toolkit refuses
+    value: int = 1
+
+
+@pytest.fixture(scope="module")
+def r18_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    out = {}
+    for name in ("rtdetr_r18vd", "rtdetrv2_r18vd"):
+        state = synthetic_state(name)
+        path = tmp_path_factory.mktemp("official") / f"{name}.pth"
+        torch.save({"ema": {"module": state, "updates": 1000}, "last_epoch": 71}, path)
+        out[name] = (path, state)
+    return out
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", OFFICIAL_CONFIGS)
+def test_config_parameter_count_matches_published(name):
+    cfg = load_config(name)
+    assert len(cfg.class_names) == 80 and tuple(cfg.input_size) == (640, 640)
+    with torch.device("meta"):
+        model = build_model(cfg).model
+    published = PUBLISHED_PARAMS_M[name.split("_", 1)[1]] * 1e6
+    count = inference_parameter_count(model)
+    assert abs(count - published) / published < 0.02, f"{name}: {count / 1e6:.2f}M vs published {published / 1e6:.0f}M"
+
+
+# --- remap against the official manifests (meta tensors: no memory, no time) -------------------------------
+
+@pytest.mark.parametrize("name", OFFICIAL_CONFIGS)
+def test_manifest_remaps_onto_the_transformers_model(name):
+    state = meta_state(name)
+    assert infer_config(state) == name
+    with torch.device("meta"):
+        model = build_model(name).model
+    fits, report = plan_load(model, state, name)
+    assert report.complete, report.summary()
+    # only BatchNorm step counters of the frozen backbone and RT-DETRv2's precomputed anchors are left out
+    assert all(k.endswith("num_batches_tracked") or k in ("decoder.anchors", "decoder.valid_mask") for k in report.ignored)
+    assert report.loaded == len({id(t) for t in model.state_dict(keep_vars=True).values()})
+    # the official parameters are exactly the transformers model's parameters plus its frozen-norm affines
+    official_params = sum(math.prod(v["shape"]) for v in manifest(name)["tensors"].values() if v["parameter"])
+    assert official_params == manifest(name)["header"]["num_parameters"]
+    assert sum(t.numel() for t in fits.values() if not t.dtype == torch.int64) >= official_params
+
+
+def test_rules_pinned():
+    assert official_key("backbone.conv1.conv1_2.norm.running_var") == ["model.backbone.model.embedder.embedder.1.normalization.running_var"]
+    assert official_key("backbone.res_layers.1.blocks.0.short.conv.conv.weight") == [
+        "model.backbone.model.encoder.stages.1.layers.0.shortcut.1.convolution.weight"]
+    assert official_key("backbone.res_layers.0.blocks.0.short.norm.bias") == ["model.backbone.model.encoder.stages.0.layers.0.shortcut.normalization.bias"]
+    assert official_key("backbone.res_layers.2.blocks.5.branch2c.conv.weight") == [
+        "model.backbone.model.encoder.stages.2.layers.5.layer.2.convolution.weight"]
+    assert official_key("encoder.encoder.0.layers.0.self_attn.in_proj_weight") == [
+        f"model.encoder.aifi.0.layers.0.self_attn.{x}_proj.weight" for x in "qkv"]
+    assert official_key("encoder.encoder.0.layers.0.linear2.bias") == ["model.encoder.aifi.0.layers.0.mlp.fc2.bias"]
+    assert official_key("encoder.input_proj.1.0.weight") == official_key("encoder.input_proj.1.conv.weight") == ["model.encoder_input_proj.1.0.weight"]
+    assert official_key("decoder.decoder.layers.2.norm2.weight") == ["model.decoder.layers.2.encoder_attn_layer_norm.weight"]
+    assert official_key("decoder.decoder.layers.2.cross_attn.num_points_scale") == ["model.decoder.layers.2.encoder_attn.n_points_scale"]
+    assert official_key("decoder.decoder.layers.0.self_attn.out_proj.bias") == ["model.decoder.layers.0.self_attn.o_proj.bias"]
+    assert official_key("decoder.enc_output.norm.bias") == official_key("decoder.enc_output.1.bias") == ["model.enc_output.1.bias"]
+    assert official_key("decoder.dec_score_head.5.weight") == ["model.decoder.class_embed.5.weight"]
+    assert official_key("decoder.denoising_class_embed.weight") == ["model.denoising_class_embed.weight"]
+    assert official_key("backbone.stem.stem1.conv.weight") is None  # HGNetv2 backbones are not covered
+
+
+# --- real loads of the r18 variants ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["rtdetr_r18vd", "rtdetrv2_r18vd"])
+def test_r18_loads_bit_identical(r18_checkpoints, name):
+    path, state = r18_checkpoints[name]
+    model = load_official_checkpoint(path)  # config inferred from the shapes
+    assert model.name == name
+    report = model.load_report
+    assert report.complete and report.num_classes == 80, report.summary()
+    loaded = model.model.state_dict()
+    mapped, _, _, _ = remap_state_dict(state)
+    for key, tensor in mapped.items():
+        if key in loaded:
+            assert torch.equal(loaded[key], tensor), key
+    q, k, v = state["decoder.decoder.layers.1.self_attn.in_proj_weight"].chunk(3)
+    assert torch.equal(loaded["model.decoder.layers.1.self_attn.k_proj.weight"], k)
+    assert torch.equal(loaded["model.backbone.model.embedder.embedder.0.convolution.weight"], state["backbone.conv1.conv1_1.conv.weight"])
+    assert torch.equal(model.model.model.decoder.class_embed[2].weight, state["decoder.dec_score_head.2.weight"])
+    assert torch.equal(loaded["model.enc_score_head.bias"], state["decoder.enc_score_head.bias"])
+
+
+@pytest.mark.parametrize("name", ["rtdetr_r18vd", "rtdetrv2_r18vd"])
+def test_r18_exports_and_runs_in_onnxruntime(r18_checkpoints, name, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from toolkit.export import export_onnx
+
+    path, _ = r18_checkpoints[name]
+    result = export_onnx(load_model(path), tmp_path / "m.onnx", verify=True)  # load_model: official keys, no config
+    assert result.verify is not None and result.verify.ok
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    labels, boxes, scores = session.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+                                               "orig_target_sizes": np.array([[640, 480]], dtype=np.int64)})
+    assert labels.shape == (1, 300) and boxes.shape == (1, 300, 4) and np.isfinite(scores).all()
+
+
+def test_cli_export_official_checkpoint(r18_checkpoints, tmp_path):
+    path, _ = r18_checkpoints["rtdetr_r18vd"]
+    proc = run_cli("export", str(path), "--config", "rtdetr_r18vd", "-o", str(tmp_path / "m.onnx"), "--no-verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "m.onnx").is_file()
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1), 2], path)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_official_checkpoint(path)
+
+
+def test_pickle_needing_weights_only_false_is_refused(tmp_path, r18_checkpoints):
+    path = tmp_path / "pickled.pth"
+    torch.save({"ema": {"module": r18_checkpoints["rtdetr_r18vd"][1]}, "args": NotATensor()}, path)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_official_checkpoint(path)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_model(path)
+
+
+def test_another_architecture(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"model": {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}}, path)
+    with pytest.raises(CheckpointError, match="not an official RT-DETR checkpoint"):
+        load_official_checkpoint(path)
+    hgnet = {"backbone.stem.stem1.conv.weight": torch.zeros(32, 3, 3, 3), "encoder.input_proj.0.conv.weight": torch.zeros(256, 512, 1, 1),
+             "decoder.dec_score_head.0.weight": torch.zeros(80, 256)}
+    with pytest.raises(CheckpointError, match="PResNet-vd"):
+        load_official_checkpoint(hgnet)
+
+
+def test_config_checkpoint_mismatch(r18_checkpoints):
+    path, state = r18_checkpoints["rtdetr_r18vd"]
+    with pytest.raises(ConfigError, match="does not fit config 'rtdetr_r34vd'"):
+        load_official_checkpoint(path, config="rtdetr_r34vd")
+    with pytest.raises(ConfigError, match="is rt_detr_v2 but the checkpoint is rt_detr"):
+        load_official_checkpoint(state, config="rtdetrv2_r18vd")
+
+
+def test_other_class_count_needs_allow_partial(r18_checkpoints):
+    _, state = r18_checkpoints["rtdetr_r18vd"]
+    tuned = dict(state)
+    for key in list(tuned):
+        if key.startswith(("decoder.dec_score_head.", "decoder.enc_score_head.")):
+            tuned[key] = tuned[key][:20].clone()
+    tuned["decoder.denoising_class_embed.weight"] = tuned["decoder.denoising_class_embed.weight"][:21].clone()
+    with pytest.raises(ConfigError, match="the checkpoint has 20 classes"):
+        load_official_checkpoint(tuned)
+    model = load_official_checkpoint(tuned, allow_partial=True)
+    report = model.load_report
+    assert not report.complete and report.num_classes == 20 and not report.unexpected
+    assert {k for k, _, _ in report.misshaped} == {"model.denoising_class_embed.weight", "model.enc_score_head.weight", "model.enc_score_head.bias",
+                                                 *(f"model.decoder.class_embed.{i}.{p}" for i in range(3) for p in ("weight", "bias"))}
+    loaded = model.model.state_dict()
+    assert torch.equal(loaded["model.decoder.bbox_embed.2.layers.0.weight"], state["decoder.dec_bbox_head.2.layers.0.weight"])

@@ -1,0 +1,396 @@
+"""``rtdetr-deploy bench``: every backend, precision and batch size in one process and one run.
+
+GPU timing uses CUDA events around each call after a warm-up (median / p90 / p99 over the calls); the
+CPU uses wall-clock time. Each configuration can first be checked for accuracy against the fp32 ONNX
+Runtime reference on a check model (the trained fixture where it exists): a configuration that fails
+is refused, with the reason, and its timings are not reported. Speed never at the cost of boxes.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .atomic import write_text
+from .engine import BaseEngine
+from .errors import ToolkitError
+from .models import load_model
+from .signature import INPUT_IMAGES, INPUT_SIZES
+
+BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
+JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
+             "p99_ms", "images_per_s", "peak_torch_memory_mb", "first_call_s", "end_to_end")
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    precision: str
+    cuda_graph: bool
+    batch: int
+    device: str
+    status: str = "ok"  # ok | skipped (not runnable here) | refused (failed its accuracy check) | failed
+    reason: str = ""
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    images_per_s: float | None = None
+    peak_torch_memory_mb: float | None = None
+    first_call_s: float | None = None
+    end_to_end: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}" + (" +graph" if self.cuda_graph else "") + (" e2e" if self.end_to_end else "")
+
+
+@dataclass
+class BenchReport:
+    rows: list[BenchRow]
+    environment: dict[str, Any]
+    binder_overhead_us: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"environment": self.environment, "binder_overhead_us": self.binder_overhead_us, "notes": self.notes,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def time_calls(call: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds per call: CUDA events on the current stream (GPU) or wall-clock (CPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        call()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import platform
+
+    from . import __version__
+
+    env: dict[str, Any] = {"toolkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                           "device": str(device), "date": time.strftime("%Y-%m-%d")}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(device))
+        env["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            pass
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+class _Artifacts:
+    """Builds (once, in ``workdir``) what each backend needs from the model: ONNX files, .pt2 packages, engines."""
+
+    def __init__(self, model: Any, workdir: Path, device: torch.device, max_batch: int) -> None:
+        self.model, self.workdir, self.device, self.max_batch = model, workdir, device, max_batch
+        self._onnx: dict[str, Path] = {}
+
+    def onnx(self, precision: str) -> Path:
+        if precision not in self._onnx:
+            from .export import export_onnx
+
+            fp32 = self.workdir / f"{self.model.name}.onnx"
+            if not fp32.exists():
+                export_onnx(copy.deepcopy(self.model).cpu(), fp32, verify=False)
+            if precision == "fp32":
+                self._onnx[precision] = fp32
+            else:
+                from .precision import convert_onnx_precision
+
+                self._onnx[precision] = convert_onnx_precision(fp32, self.workdir / f"{self.model.name}.{precision}.onnx", precision)
+        return self._onnx[precision]
+
+    def engine(self, backend: str, precision: str, cuda_graph: bool, batch: int) -> BaseEngine:
+        from . import engine as engine_mod
+
+        options = {"check_values": False}
+        if backend == "torch":
+            eng: BaseEngine = engine_mod.load(copy.deepcopy(self.model), backend="torch", device=self.device,
+                                              precision=precision, **options)
+        elif backend == "onnxruntime":
+            eng = engine_mod.load(self.onnx(precision), backend="onnxruntime", device=self.device, cuda_graph=cuda_graph, **options)
+            return eng
+        elif backend == "aoti":
+            from .build.aoti import build_aoti
+
+            path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}.pt2"
+            if not path.exists():
+                build_aoti(copy.deepcopy(self.model).cpu(), path, precision=precision, device=self.device.type,
+                           batch=(1, max(2, min(8, self.max_batch)), max(2, self.max_batch)), progress=False)
+            eng = engine_mod.load(path, backend="aoti", device=self.device, **options)
+        elif backend == "tensorrt":
+            from .build import build_engine
+
+            path = self.workdir / f"{self.model.name}.{precision}.engine"
+            if not path.exists():
+                build_engine(self.onnx("fp32" if precision == "fp32" else precision), path, backend="tensorrt",
+                             precision=precision, batch=(1, min(8, self.max_batch), self.max_batch), progress=False)
+            eng = engine_mod.load(path, backend="tensorrt", device=self.device, **options)
+        else:
+            raise ToolkitError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+        if cuda_graph:
+            from .cudagraph import CudaGraphEngine
+
+            eng = CudaGraphEngine(eng)
+        return eng
+
+
+def _runnable(backend: str, device: torch.device, cuda_graph: bool) -> str | None:
+    """Why ``backend`` cannot run here, or None."""
+    import importlib.util
+
+    if backend == "tensorrt" and not any(importlib.util.find_spec(m) for m in ("tensorrt",)):
+        return "TensorRT is not installed (pip install 'rtdetr-deploy[tensorrt]')"
+    if backend == "onnxruntime" and device.type == "cuda":
+        from .backends.onnxruntime import cuda_available
+
+        if not cuda_available():
+            return "onnxruntime has no CUDAExecutionProvider (pip install 'rtdetr-deploy[gpu]')"
+    if cuda_graph and device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    return None
+
+
+def binder_overhead_us(engine: BaseEngine, feeds: dict[str, torch.Tensor], iters: int = 2000) -> float:
+    """Median cost of the binder's checks and conversions per call, in microseconds (no engine work)."""
+    for _ in range(50):
+        engine.binder.bind(feeds)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        engine.binder.bind(feeds)
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def _inputs(model: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from .verify import verification_images
+
+    h, w = model.preprocess.size
+    return {INPUT_IMAGES: verification_images(batch, (h, w), seed=batch).to(device),
+            INPUT_SIZES: torch.tensor([[w, h]] * batch, device=device)}
+
+
+def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.device) -> Callable[[], Any]:
+    """Decode JPEG bytes and resize on the device with torchvision, then infer: the whole pipeline's cost."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from .verify import verification_images
+
+    h, w = model.preprocess.size
+    raw = [encode_jpeg((im * 255).to(torch.uint8), quality=90) for im in verification_images(batch, (480, 640), seed=3)]
+    sizes = torch.tensor([[640, 480]] * batch, device=device)
+
+    def call() -> Any:
+        decoded = decode_jpeg(raw, device=device.type if device.type == "cuda" else "cpu")
+        images = torch.stack([F.to_dtype(F.resize(im, [h, w], antialias=True), torch.float32, scale=True) for im in decoded])
+        return engine.infer({INPUT_IMAGES: images, INPUT_SIZES: sizes})
+
+    return call
+
+
+def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool) -> str | None:
+    """Why a configuration fails against the fp32 ONNX Runtime reference of the check model, or None if it passes."""
+    from .compare import compare
+
+    ref = artifacts.engine("onnxruntime", "fp32", False, 1)
+    candidate = artifacts.engine(backend, precision, cuda_graph, 1)
+    report = compare(ref, candidate)
+    return None if report.ok else report.summary().splitlines()[0]
+
+
+def bench(
+    model: Any,
+    *,
+    backends: Sequence[str] = BACKENDS,
+    batches: Sequence[int] = (1, 8, 32),
+    precisions: Sequence[str] = ("fp32",),
+    cuda_graphs: Sequence[bool] = (False,),
+    warmup: int = 10,
+    iters: int = 50,
+    device: str | torch.device | None = None,
+    config: str | None = None,
+    check_model: Any = None,
+    end_to_end: bool = False,
+    workdir: str | Path | None = None,
+    json_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    progress: bool = True,
+) -> BenchReport:
+    """Benchmark ``model`` (anything :func:`toolkit.models.load_model` takes) on every runnable configuration.
+
+    ``check_model``: a model with meaningful (trained) weights on which each configuration must pass
+    ``compare`` against fp32 ONNX Runtime before its timings are reported; None skips the check (noted).
+    """
+    from tqdm import tqdm
+
+    dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    deploy = load_model(model, config=config).eval()
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rtdetr-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    artifacts = _Artifacts(deploy, work, dev, max(batches))
+    checker = _Artifacts(load_model(check_model).eval(), work / "check", dev, 8) if check_model is not None else None
+    if checker is not None:
+        checker.workdir.mkdir(exist_ok=True)
+    report = BenchReport([], environment(dev))
+    if checker is None:
+        report.notes.append("no check model: configurations were not checked for accuracy")
+    configs = [(b, p, g) for b in backends for p in precisions for g in cuda_graphs
+               if not (g and b == "onnxruntime" and dev.type != "cuda")]
+    bar = tqdm(total=len(configs) * len(batches), desc="bench", disable=not progress)
+    for backend, precision, graph in configs:
+        reason = _runnable(backend, dev, graph)
+        status = "skipped" if reason else "ok"
+        if status == "ok" and checker is not None:
+            try:
+                failure = accuracy_check(checker, backend, precision, graph)
+            except ToolkitError as e:
+                failure = f"check failed to run: {e}"
+            if failure:
+                status, reason = "refused", f"accuracy check against fp32 ONNX Runtime failed: {failure}"
+        for batch in batches:
+            bar.set_postfix_str(f"{backend} {precision}{' graph' if graph else ''} b{batch}")
+            row = BenchRow(backend, precision, graph, batch, str(dev), status=status, reason=reason or "", end_to_end=end_to_end)
+            if status == "ok":
+                _measure(row, artifacts, deploy, dev, warmup, iters)
+            report.rows.append(row)
+            bar.update()
+        if backend == "torch" and precision == "fp32" and not graph and report.binder_overhead_us is None:
+            eng = artifacts.engine("torch", "fp32", False, 1)
+            feeds = _inputs(deploy, 1, dev)
+            feeds[INPUT_SIZES] = feeds[INPUT_SIZES].to(torch.int64)
+            report.binder_overhead_us = binder_overhead_us(eng, feeds)
+    bar.close()
+    if json_path is not None:
+        write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot_path is not None:
+        plot_bench(report.to_dict(), plot_path)
+    return report
+
+
+def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device, warmup: int, iters: int) -> None:
+    engine = None
+    try:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        start = time.perf_counter()
+        engine = artifacts.engine(row.backend, row.precision, row.cuda_graph, row.batch)
+        feeds = _inputs(model, row.batch, dev)
+        call = (_end_to_end_call(engine, model, row.batch, dev) if row.end_to_end else (lambda: engine.infer(feeds)))
+        call()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        row.first_call_s = time.perf_counter() - start
+        times = time_calls(call, dev, warmup, iters)
+        row.median_ms = statistics.median(times)
+        row.p90_ms = _percentile(times, 0.90)
+        row.p99_ms = _percentile(times, 0.99)
+        row.images_per_s = row.batch * 1e3 / row.median_ms
+        if dev.type == "cuda":
+            row.peak_torch_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+    except (ToolkitError, RuntimeError) as e:
+        row.status, row.reason = "failed", f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        del engine
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Rows for a terminal or markdown table, with the ratio to ONNX Runtime at the same precision and batch."""
+    ort = {(r["precision"], r["batch"]): r["median_ms"] for r in report["rows"]
+           if r["backend"] == "onnxruntime" and not r["cuda_graph"] and r["status"] == "ok"}
+    out = []
+    for r in report["rows"]:
+        label = f"{r['backend']} {r['precision']}" + (" +graph" if r["cuda_graph"] else "")
+        if r["status"] != "ok":
+            out.append([label, str(r["batch"]), r["status"], "", "", "", "", r["reason"]])
+            continue
+        base = ort.get((r["precision"], r["batch"]))
+        ratio = f"{base / r['median_ms']:.2f}x" if base else ""
+        out.append([label, str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                    f"{r['images_per_s']:.0f}", ratio, f"first call {r['first_call_s']:.1f} s"])
+    return out
+
+
+TABLE_HEADER = ["config", "batch", "median ms", "p90 ms", "p99 ms", "img/s", "vs ORT", "notes"]
+
+
+def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
+    """Latency and throughput against batch size, one line per configuration (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in report["rows"]:
+        if r["status"] == "ok":
+            label = f"{r['backend']} {r['precision']}" + (" +graph" if r["cuda_graph"] else "")
+            series.setdefault(label, []).append((r["batch"], r["median_ms"], r["images_per_s"]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    env = report.get("environment", {})
+    for ax, title, unit in ((ax1, "latency (median)", "ms"), (ax2, "throughput", "images/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"rtdetr-deploy bench on {env.get('gpu', env.get('device', '?'))}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
