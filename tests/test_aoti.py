@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.errors import ConfigError, EngineError
+from toolkit.errors import EngineError
 from toolkit.matching import match_permutation
 from toolkit.sidecar import read_sidecar, sidecar_path
 
@@ -95,17 +95,22 @@ def test_corrupted_package(tiny_pt2, tmp_path):
         toolkit.load(bad)
 
 
-def test_build_refusals(tiny_model, tmp_path):
+def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
+    from toolkit.build import BuildError, build_engine
     from toolkit.build.aoti import build_aoti, build_from_model
 
-    with pytest.raises(ConfigError, match="precision"):
+    with pytest.raises(BuildError, match="precision"):
         build_aoti(tiny_model, tmp_path / "m.pt2", precision="int8")
-    with pytest.raises(ConfigError, match="batch"):
+    with pytest.raises(BuildError, match="CUDA only"):
+        build_aoti(tiny_model, tmp_path / "m.pt2", precision="fp16", device="cpu")
+    with pytest.raises(BuildError, match="batch"):
         build_aoti(tiny_model, tmp_path / "m.pt2", batch=(4, 2, 8))
-    with pytest.raises(ConfigError, match=".pt2"):
+    with pytest.raises(BuildError, match=".pt2"):
         build_aoti(tiny_model, tmp_path / "m.engine")
-    with pytest.raises(ConfigError, match="from an ONNX file"):
+    with pytest.raises(BuildError, match="from an ONNX file"):
         build_from_model(tiny_model, tmp_path / "m.engine", backend="tensorrt")
+    with pytest.raises(BuildError, match="--model"):  # the ONNX route cannot rebuild weights
+        build_engine(tiny_onnx, tmp_path / "m.pt2", backend="aoti", cache=False)
     assert not list(tmp_path.iterdir())
 
 

@@ -8,15 +8,14 @@ int32 input) is reproduced for real here, and the toolkit's fix is shown to work
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -265,7 +264,7 @@ def test_profile_set_shape_and_missing_library():
         profile.set_shape("images", (4, 3), (2, 3), (8, 3))
     from toolkit.backends.tensorrt import import_tensorrt
 
-    if any(__import__("importlib").util.find_spec(n) for n in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")):
+    if any(importlib.util.find_spec(n) for n in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")):
         pytest.skip("a TensorRT module is installed here")
     with pytest.raises(MissingDependencyError, match=r"pip install 'rtdetr-deploy\[tensorrt\]'"):
         import_tensorrt()
@@ -401,6 +400,18 @@ def test_import_toolkit_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_cli_build_without_tensorrt_is_one_clear_line(tiny_onnx, tmp_path):
+    from tests.conftest import run_cli
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    out = run_cli("build", str(tiny_onnx), "-o", str(tmp_path / "m.engine"), "--batch", "1,2,4")
+    assert out.returncode == 2 and "TensorRT is not installed" in out.stderr and "Traceback" not in out.stderr
+    bad = run_cli("build", str(tiny_onnx), "-o", str(tmp_path / "m.engine"), "--batch", "1,2")
+    assert bad.returncode == 2 and "MIN,OPT,MAX" in bad.stderr + bad.stdout
+    assert not (tmp_path / "m.engine").exists()
 
 
 # real TensorRT (skips here) --------------------------------------------------------------------------------------

@@ -159,6 +159,72 @@ def validate(
         raise SystemExit(1)  # typer.Exit(1) is returned, not raised, by app(standalone_mode=False)
 
 
+@app.command()
+def build(
+    onnx: Path = typer.Argument(..., help="ONNX file (from 'rtdetr-deploy export')."),
+    output: Path = typer.Option(Path("model.engine"), "--output", "-o", help="Engine file to write (a .json sidecar goes beside it)."),
+    backend: str = typer.Option("tensorrt", help="tensorrt or tensorrt-rtx."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (checked in the built engine; TensorRT 11/RTX need an fp16 ONNX)."),
+    batch: str = typer.Option("1,1,8", help="MIN,OPT,MAX of the dynamic batch dim."),
+    workspace: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file to read and update."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse an identical engine from ~/.cache/rtdetr-deploy/engines."),
+) -> None:
+    """Build a TensorRT / TensorRT-RTX engine and its sidecar from an ONNX file."""
+    from .build import build_engine
+    from .errors import InputError
+
+    try:
+        parts = tuple(int(p) for p in batch.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
+    result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
+                          timing_cache=timing_cache, cache=cache)
+    for note in result.warnings:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    _print_signature(result.signature)
+    if result.metadata.get("orig_target_sizes_note"):
+        console.print(result.metadata["orig_target_sizes_note"])
+    console.print(result.summary())
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint or config name (random weights are fine for speed)."),
+    backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt", help="Comma-separated backends."),
+    batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+    precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16."),
+    cuda_graphs: str = typer.Option("off", help="off, on, or both (CUDA only)."),
+    warmup: int = typer.Option(10, help="Untimed calls before timing."),
+    iters: int = typer.Option(50, help="Timed calls per configuration."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the GPU if present)."),
+    check_model: Optional[str] = typer.Option(None, help="Trained model each configuration must pass compare on first."),
+    end_to_end: bool = typer.Option(False, "--end-to-end", help="Include JPEG decode + resize on the device."),
+    workdir: Optional[Path] = typer.Option(None, help="Where built artifacts go (reused between runs)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    plot: Optional[Path] = typer.Option(None, help="Write latency/throughput curves as PNG."),
+) -> None:
+    """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
+    from .bench import TABLE_HEADER, bench as run_bench, table_rows
+
+    graphs = {"off": (False,), "on": (True,), "both": (False, True)}[cuda_graphs]
+    report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
+                       precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
+                       check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot)
+    table = Table(title=f"bench on {report.environment.get('gpu', report.environment['device'])}")
+    for col in TABLE_HEADER:
+        table.add_column(col)
+    for row in table_rows(report.to_dict()):
+        table.add_row(*row)
+    console.print(table)
+    if report.binder_overhead_us is not None:
+        console.print(f"binder overhead per call: {report.binder_overhead_us:.1f} us (median)")
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: ToolkitError -> one line on stderr, exit 2."""
     from .errors import ToolkitError

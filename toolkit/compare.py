@@ -246,13 +246,13 @@ def match_image(key: str, a: Detections, b: Detections, score_threshold: float, 
     pairs = [(i, int(j)) for i, j in enumerate(pair_a.tolist()) if j >= 0 and (counted_a[i] or counted_b[j])]
     problems: list[str] = []
     near = labels = missing_a = missing_b = 0
-    for side, mine, other, pair, counted in (("A", A, B, pair_a, counted_a), ("B", B, A, pair_b, counted_b)):
+    for side, mine, other, pair, counted, other_pair in (("A", A, B, pair_a, counted_a, pair_b), ("B", B, A, pair_b, counted_b, pair_a)):
         lacking, relabelled = [], []
         for i in ((pair < 0) & counted).nonzero().flatten().tolist():
             if mine.scores[i] < score_threshold + th.score_margin:
                 near += 1
                 continue
-            others = (other.labels != mine.labels[i]).nonzero().flatten()
+            others = ((other.labels != mine.labels[i]) & (other_pair < 0)).nonzero().flatten()  # unmatched, other label
             what = (f"label {int(mine.labels[i])} score {mine.scores[i]:.3f} box "
                     f"{[round(v, 1) for v in mine.boxes_xyxy[i].tolist()]}")
             if len(others) and _effective_iou(mine.boxes_xyxy[i:i + 1], other.boxes_xyxy[others], th).max() > th.label_iou:
@@ -266,7 +266,7 @@ def match_image(key: str, a: Detections, b: Detections, score_threshold: float, 
                             f"differently (e.g. {relabelled[0]})")
         if lacking:
             problems.append(f"{side} has {len(lacking)} confident detection(s) the other backend lacks (e.g. {lacking[0]})")
-    n_counted = int(counted_a.sum() + counted_b.sum())
+    n_counted = int(counted_a.sum() + counted_b.sum()) - near  # near-threshold detections may stay unmatched
     n_matched = sum(int(counted_a[i]) + int(counted_b[j]) for i, j in pairs)
     fraction = n_matched / n_counted if n_counted else 1.0
     stats = ImageStats(key, int(counted_a.sum()), int(counted_b.sum()), len(pairs), fraction,

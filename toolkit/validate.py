@@ -126,17 +126,23 @@ def _check_inputs(inputs: dict[str, torch.Tensor], decoded_wh: list[tuple[int, i
     return problems
 
 
-def _build(name: str, source: Any, workdir: Path) -> tuple[BaseEngine | None, str]:
-    """(engine, "") or (None, why it is skipped). ``source``: the ONNX file (TensorRT) or the model (AOTInductor)."""
+def _build(name: str, model: Any, onnx_path: Path, workdir: Path, trt_module: Any) -> tuple[BaseEngine | None, str]:
+    """(engine, "") or (None, why it is skipped): TensorRT from the ONNX file, AOTInductor from the model."""
     try:
+        if name == "aoti":
+            from .build.aoti import build_from_model
+
+            built = build_from_model(model, workdir / "model.pt2")
+            return load(built.path, backend="aoti"), ""
         from .build import build_engine
     except ImportError as e:
-        return None, f"toolkit.build is not available ({e})"
+        return None, f"toolkit.build cannot build {name} here ({e})"
+    options = {"trt_module": trt_module} if trt_module is not None else {}
     try:
-        built = build_engine(source, workdir / f"model{BUILT_BACKENDS[name]}", backend=name)
+        built = build_engine(onnx_path, workdir / f"model{BUILT_BACKENDS[name]}", backend=name, **options)
     except (MissingDependencyError, ImportError) as e:
         return None, f"cannot build {name} here: {e}"
-    return load(getattr(built, "path", built), backend=name), ""
+    return load(built.path, backend=name, **options), ""
 
 
 def validate(
@@ -149,12 +155,14 @@ def validate(
     score_threshold: float = 0.3,
     thresholds: Thresholds = Thresholds(),
     perturb: Mapping[str, Perturb] | None = None,
+    trt_module: Any = None,
 ) -> ValidateReport:
     """Run every stage of the deployment path on the same images and judge each; see the module docstring.
 
     ``checkpoint``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file or a
     config name with random weights). ``workdir`` keeps the exported and built files (a temporary
-    directory, deleted afterwards, when None). The torch stage always runs: it is the reference.
+    directory, deleted afterwards, when None). The torch stage always runs: it is the reference. ``trt_module``
+    injects a TensorRT module (e.g. :func:`toolkit.testing.fake_tensorrt.make_fake_tensorrt`).
     """
     from .export import export_onnx
     from .models import load_model
@@ -205,7 +213,7 @@ def validate(
                     engine: BaseEngine | None = load(onnx_path, backend="onnxruntime", device="cpu")
                     why = ""
                 else:
-                    engine, why = _build(name, model if name == "aoti" else onnx_path, work)
+                    engine, why = _build(name, model, onnx_path, work, trt_module)
             except ToolkitError as e:
                 stages.append(StageResult(name, "fail", f"{e.__class__.__name__}: {str(e).splitlines()[0]}"))
                 continue

@@ -209,7 +209,8 @@ class TensorRTEngine(BaseEngine):
             try:
                 dtype = dtypes.from_trt(engine.get_tensor_dtype(name)).name
             except ValueError as e:
-                raise EngineError(f"{path}: tensor {name}: {e}; the toolkit binds only {', '.join(d for d in ('float32', 'float16', 'bfloat16', 'int64', 'int32', 'int8', 'uint8', 'bool'))}") from None
+                raise EngineError(f"{path}: tensor {name}: {e}; the toolkit binds float32, float16, bfloat16, int64, int32, "
+                                  "int8, uint8 and bool tensors") from None
             known = side_specs.get(name)
             shape: list[int | str] = []
             for axis, d in enumerate(engine.get_tensor_shape(name)):

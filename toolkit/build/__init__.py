@@ -31,8 +31,8 @@ from ..errors import EngineError, InputError
 from ..sidecar import read_sidecar, sidecar_path
 from ..signature import Signature
 
-# backend name -> module in toolkit.build (add "aoti": "aoti" once toolkit/build/aoti.py exists)
-BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt"}
+# backend name -> module in toolkit.build
+BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt", "aoti": "aoti"}
 PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_ENV = "RTDETR_DEPLOY_CACHE"
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,12 +35,13 @@ from torch import nn
 
 from ..atomic import check_output_path
 from ..contract import DeployModel
-from ..errors import ConfigError, ExportError
+from ..errors import ExportError
 from ..models import load_model
-from ..signature import CONTRACT_VERSION
-from ..sidecar import write_sidecar
+from ..sidecar import read_sidecar, sidecar_path, write_sidecar
+from ..signature import CONTRACT_VERSION, Signature
+from . import BuildError, BuildResult
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")
 
 
@@ -78,19 +80,19 @@ def _symbolic_len(model: nn.Module) -> Iterator[None]:
 
 def _check_options(precision: str, batch: tuple[int, int, int], device: str) -> tuple[int, int, int]:
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} for AOTInductor, got {precision!r}")
+        raise BuildError(f"precision must be one of {', '.join(PRECISIONS)} for AOTInductor, got {precision!r}")
     if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise BuildError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' needs a CUDA GPU and a CUDA build of torch; none is available here (build with device='cpu')")
+        raise BuildError("device='cuda' needs a CUDA GPU and a CUDA build of torch; none is available here (build with device='cpu')")
     if device == "cpu" and precision != "fp32":
-        raise ConfigError(f"{precision} AOTInductor packages are built for CUDA only; use precision='fp32' for a CPU package")
+        raise BuildError(f"{precision} AOTInductor packages are built for CUDA only; use precision='fp32' for a CPU package")
     try:
         lo, opt, hi = (int(b) for b in batch)
     except (TypeError, ValueError):
-        raise ConfigError(f"batch must be (min, opt, max), got {batch!r}") from None
+        raise BuildError(f"batch must be (min, opt, max), got {batch!r}") from None
     if not 1 <= lo <= opt <= hi:
-        raise ConfigError(f"batch must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
+        raise BuildError(f"batch must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
     return lo, opt, hi
 
 
@@ -132,7 +134,7 @@ def build_aoti(
 
     output = check_output_path(output)
     if output.suffix != ".pt2":
-        raise ConfigError(f"an AOTInductor package must end in .pt2, got {output.name}")
+        raise BuildError(f"an AOTInductor package must end in .pt2, got {output.name}")
     lo, opt, hi = _check_options(precision, batch, device)
     deploy = load_model(model, config=config).eval()
     body = _Body(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
@@ -179,8 +181,32 @@ def build_aoti(
     return output
 
 
-def build_from_model(model: Any, output: str | Path, backend: str = "aoti", **options: Any) -> Path:
-    """Build dispatcher for backends that compile from the torch model rather than the ONNX file."""
+def build_from_model(model: Any, output: str | Path, backend: str = "aoti", **options: Any) -> BuildResult:
+    """Build for a backend that compiles from the torch model rather than from ONNX (AOTInductor).
+
+    ``options`` go to :func:`build_aoti` (precision, batch, device, progress, config, inductor_configs).
+    """
     if backend != "aoti":
-        raise ConfigError(f"backend {backend!r} builds from an ONNX file, not from a model; model builds: aoti")
-    return build_aoti(model, output, **options)
+        raise BuildError(f"backend {backend!r} builds from an ONNX file (toolkit.build.build_engine); "
+                         "builds from a model: aoti")
+    start = time.perf_counter()
+    path = build_aoti(model, output, **options)
+    meta = read_sidecar(path)
+    return BuildResult(path, sidecar_path(path), Signature.from_dict(meta["signature"]), "aoti", meta["precision"],
+                       seconds=time.perf_counter() - start, metadata=meta)
+
+
+def environment(backend: str, **options: Any) -> dict[str, Any]:
+    """What an AOTInductor package depends on: the torch that compiled it (and the GPU, for CUDA)."""
+    env: dict[str, Any] = {"library": "torch", "version": torch.__version__}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    return env
+
+
+def build(onnx_path: str | Path, output: str | Path, **options: Any) -> BuildResult:
+    """The ONNX route of :func:`toolkit.build.build_engine`, which AOTInductor cannot take: it needs the model."""
+    raise BuildError(f"AOTInductor compiles the torch model, not {Path(onnx_path).name}: the ONNX file does not carry "
+                     "weights torch can recompile. Give the model: rtdetr-deploy build --backend aoti --model "
+                     "CHECKPOINT_OR_CONFIG -o model.pt2, or toolkit.build.aoti.build_from_model(model, 'model.pt2')")

@@ -168,6 +168,8 @@ def build(
     if strongly_typed:
         flags |= 1 << int(nflags.STRONGLY_TYPED)
     network = builder.create_network(flags)
+    if network is None:
+        raise BuildError(f"{lib} {ver} could not create a network with flags {flags}" + format_log(logger.errors()))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
@@ -177,6 +179,8 @@ def build(
                          + format_log(logger.errors()))
 
     config = builder.create_builder_config()
+    if config is None:
+        raise BuildError(f"{lib} {ver} could not create a builder config" + format_log(logger.errors()))
     if workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if precision != "fp32" and not strongly_typed:  # TensorRT 8.6 (weak typing): the flag only allows the kernels

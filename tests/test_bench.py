@@ -1,0 +1,86 @@
+"""bench on the tiny config (CPU here; the CUDA-graph test runs on the GPU machine). No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import toolkit
+from toolkit.bench import JSON_KEYS, bench, binder_overhead_us
+
+
+def test_bench_writes_json_with_documented_keys_and_a_plot(tiny_model, tmp_path):
+    report = bench(tiny_model, backends=("torch", "onnxruntime", "tensorrt"), batches=(1, 2), warmup=1, iters=3,
+                   device="cpu", workdir=tmp_path / "work", json_path=tmp_path / "b.json", plot_path=tmp_path / "b.png",
+                   progress=False)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert {"environment", "rows", "binder_overhead_us", "notes"} <= set(data)
+    assert all(set(JSON_KEYS) <= set(r) for r in data["rows"])
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {(r["backend"], r["batch"]) for r in ok} == {("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)}
+    assert all(r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] and r["images_per_s"] > 0 for r in ok)
+    trt = [r for r in data["rows"] if r["backend"] == "tensorrt"]
+    assert trt and all(r["status"] == "skipped" and "TensorRT" in r["reason"] for r in trt)
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.binder_overhead_us is not None and report.binder_overhead_us > 0
+
+
+def test_bench_refuses_a_configuration_that_fails_its_accuracy_check(tiny_model, tmp_path, monkeypatch):
+    """A configuration whose boxes are wrong is refused, with the reason, and gets no timings."""
+    import toolkit.bench as b
+
+    monkeypatch.setattr(b, "accuracy_check", lambda artifacts, backend, precision, graph:
+                        "every y coordinate is 0" if backend == "torch" else None)
+    report = bench(tiny_model, backends=("torch", "onnxruntime"), batches=(1,), warmup=0, iters=2, device="cpu",
+                   check_model=tiny_model, workdir=tmp_path, progress=False)
+    rows = {r.backend: r for r in report.rows}
+    assert rows["torch"].status == "refused" and "every y coordinate is 0" in rows["torch"].reason
+    assert rows["torch"].median_ms is None and rows["onnxruntime"].status == "ok"
+
+
+def test_accuracy_check_passes_for_a_faithful_backend(tiny_model, tmp_path):
+    from toolkit.bench import _Artifacts, accuracy_check
+
+    art = _Artifacts(tiny_model, tmp_path, torch.device("cpu"), 2)
+    assert accuracy_check(art, "torch", "fp32", False) is None
+
+
+def test_binder_microbenchmark_runs(tiny_onnx):
+    engine = toolkit.load(tiny_onnx, device="cpu", check_values=False)
+    feeds = {"images": torch.rand(1, 3, 128, 128), "orig_target_sizes": torch.tensor([[640, 480]])}
+    assert 0 < binder_overhead_us(engine, feeds, iters=200) < 1e5
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_the_normal_call(tiny_model, sample_images):
+    import copy
+
+    from toolkit.cudagraph import CudaGraphEngine
+
+    images, sizes = (t.cuda() for t in sample_images)
+    plain = toolkit.load(copy.deepcopy(tiny_model), device="cuda")
+    graph = CudaGraphEngine(toolkit.load(copy.deepcopy(tiny_model), device="cuda"))
+    ref = plain(images=images, orig_target_sizes=sizes)
+    for _ in range(3):  # capture, then replays
+        out = graph(images=images, orig_target_sizes=sizes.int())  # the binder still converts int32 -> int64
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+    other = graph(images=images.flip(0), orig_target_sizes=sizes.flip(0))
+    assert torch.equal(other["boxes"], plain(images=images.flip(0), orig_target_sizes=sizes.flip(0))["boxes"])
+    with pytest.raises(toolkit.BindingError):
+        graph(images=images, orig_target_sizes=sizes.float() + 0.5)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_graph_matches_the_normal_call(tiny_onnx, sample_images):
+    from toolkit.backends.onnxruntime import cuda_available
+
+    if not cuda_available():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider")
+    images, sizes = (t.cuda() for t in sample_images)
+    ref = toolkit.load(tiny_onnx, device="cuda")(images=images, orig_target_sizes=sizes)
+    eng = toolkit.load(tiny_onnx, device="cuda", cuda_graph=True)
+    for _ in range(3):
+        out = eng(images=images, orig_target_sizes=sizes)
+        assert torch.allclose(out["boxes"], ref["boxes"], atol=1e-3)
