@@ -136,7 +136,7 @@ def compare(
     console.print(result.table())
     console.print(result.summary(), highlight=False, soft_wrap=True)
     if not result.ok:
-        raise SystemExit(1)  # typer.Exit(1) is returned, not raised, by app(standalone_mode=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -156,7 +156,7 @@ def validate(
         result.write(report)
     console.print(result.table())
     if not result.ok:
-        raise SystemExit(1)  # typer.Exit(1) is returned, not raised, by app(standalone_mode=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -230,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .errors import ToolkitError
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as the return value here
     except ToolkitError as e:
         if _state["verbose"]:
             raise
@@ -247,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(e, click.exceptions.Abort):
             return 1
         raise
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -51,18 +51,25 @@ RULES: tuple[tuple[str, str], ...] = (
      "model.backbone.model.encoder.stages.{s}.layers.{l}.shortcut.1.{mod}.{p}"),
     (r"backbone\.res_layers\.(?P<s>\d+)\.blocks\.(?P<l>\d+)\.short\.(?P<mod>conv|norm)\.(?P<p>\w+)",
      "model.backbone.model.encoder.stages.{s}.layers.{l}.shortcut.{mod}.{p}"),
-    (r"(?P<part>encoder|decoder)\.input_proj\.(?P<j>\d+)\.(?P<seq>0|1|conv|norm)\.(?P<p>\w+)", "model.{part}_input_proj.{j}.{seq}.{p}"),
+    (r"(?P<part>encoder|decoder)\.input_proj\.(?P<j>\d+)\.(?P<seq>0|1|conv|norm)\.(?P<p>\w+)",
+     "model.{part}_input_proj.{j}.{seq}.{p}"),
     (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)",
      "model.encoder.aifi.{i}.layers.{l}.self_attn.{qkv}_proj.{p}"),
-    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.self_attn\.out_proj\.(?P<p>\w+)", "model.encoder.aifi.{i}.layers.{l}.self_attn.o_proj.{p}"),
-    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.(?P<enc>linear1|linear2|norm1|norm2)\.(?P<p>\w+)", "model.encoder.aifi.{i}.layers.{l}.{enc}.{p}"),
+    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.self_attn\.out_proj\.(?P<p>\w+)",
+     "model.encoder.aifi.{i}.layers.{l}.self_attn.o_proj.{p}"),
+    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.(?P<enc>linear1|linear2|norm1|norm2)\.(?P<p>\w+)",
+     "model.encoder.aifi.{i}.layers.{l}.{enc}.{p}"),
     (r"encoder\.(?P<rest>(?:lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\..+)", "model.encoder.{rest}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)", "model.decoder.layers.{i}.self_attn.{qkv}_proj.{p}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.self_attn\.(?P<dec>out_proj)\.(?P<p>\w+)", "model.decoder.layers.{i}.self_attn.{dec}.{p}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.cross_attn\.num_points_scale", "model.decoder.layers.{i}.encoder_attn.n_points_scale"),
+    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)",
+     "model.decoder.layers.{i}.self_attn.{qkv}_proj.{p}"),
+    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.self_attn\.(?P<dec>out_proj)\.(?P<p>\w+)",
+     "model.decoder.layers.{i}.self_attn.{dec}.{p}"),
+    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.cross_attn\.num_points_scale",
+     "model.decoder.layers.{i}.encoder_attn.n_points_scale"),
     (r"decoder\.decoder\.layers\.(?P<i>\d+)\.(?P<dec>cross_attn)\.(?P<rest>(?:sampling_offsets|attention_weights|value_proj|output_proj)\.\w+)",
      "model.decoder.layers.{i}.{dec}.{rest}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.(?P<dec>linear1|linear2|norm1|norm2|norm3)\.(?P<p>\w+)", "model.decoder.layers.{i}.{dec}.{p}"),
+    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.(?P<dec>linear1|linear2|norm1|norm2|norm3)\.(?P<p>\w+)",
+     "model.decoder.layers.{i}.{dec}.{p}"),
     (r"decoder\.dec_score_head\.(?P<rest>.+)", "model.decoder.class_embed.{rest}"),
     (r"decoder\.dec_bbox_head\.(?P<rest>.+)", "model.decoder.bbox_embed.{rest}"),
     (r"decoder\.query_pos_head\.(?P<rest>.+)", "model.decoder.query_pos_head.{rest}"),
@@ -72,7 +79,8 @@ RULES: tuple[tuple[str, str], ...] = (
 _COMPILED = tuple((re.compile(pattern), template) for pattern, template in RULES)
 
 # Official tensors with no counterpart, by design: BatchNorm step counters where transformers freezes the
-# backbone's norms (only ignored where the model has no such counter), and RT-DETRv2's precomputed anchors (transformers computes them from the input size).
+# backbone's norms (ignored only where the model has no such counter), and RT-DETRv2's precomputed anchors
+# (transformers computes them from the input size).
 IGNORED = (re.compile(r".*\.num_batches_tracked"), re.compile(r"decoder\.(anchors|valid_mask)"))
 
 

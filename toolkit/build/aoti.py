@@ -6,11 +6,12 @@ package serves every batch size of the range) and a sidecar ``MODEL.pt2.json`` t
 :mod:`toolkit.backends.aoti` needs to run or refuse it: device type (and GPU, compute capability),
 precision, batch range, the deploy signature and the class names.
 
-Dynamic batch: transformers' RT-DETR computes ``batch_size = len(source_flatten)`` in its forward.
-Under non-strict ``torch.export`` ``len()`` of a tensor must return a Python int, which pins the
-symbolic batch to the example's size ("Constraints violated (N)"). :func:`_symbolic_len` shadows
-``len`` in the transformers modules of the model, for the duration of the export only, with one that
-returns ``tensor.shape[0]`` (a SymInt under export, the same int in eager), so the batch stays symbolic.
+Dynamic batch: two spots of transformers' RT-DETR forward pin the symbolic batch to the example's
+size under ``torch.export`` ("Constraints violated (N)"): ``batch_size = len(source_flatten)`` (``len()``
+of a tensor must return a Python int) and, on CUDA only, the downsampling of the unused pixel mask
+with the batch in the channel dim (the upsample's ``n_channels < 4`` heuristic guards it).
+:func:`_dynamic_batch_patches` works around both for the duration of the export only, without
+changing any value the model computes.
 
 ``precision="fp16"`` puts the network body in half precision; the deploy postprocess (sigmoid, top-K,
 box scaling) stays fp32 since :func:`toolkit.contract.postprocess` casts logits and boxes to float.
@@ -27,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,20 +59,42 @@ class _Body(nn.Module):
         return self.deploy(images.to(self.dtype), orig_target_sizes)
 
 
+def _conv_encoder_forward(self: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """transformers' RT-DETR backbone wrapper, with the (unused) pixel mask downsampled batch-first.
+
+    The original interpolates ``pixel_mask[None]`` ([1,N,H,W]: the batch in the channel dim), and on CUDA
+    the upsample decomposition's channels-last heuristic (``n_channels < 4``) then guards the batch.
+    ``pixel_mask[:, None]`` ([N,1,H,W]) gives the same mask without touching the batch.
+    """
+    features = self.model(pixel_values).feature_maps
+    return [(f, nn.functional.interpolate(pixel_mask[:, None].float(), size=f.shape[-2:]).to(torch.bool)[:, 0]) for f in features]
+
+
 @contextlib.contextmanager
-def _symbolic_len(model: nn.Module) -> Iterator[None]:
-    """Shadow ``len`` in the transformers modules of ``model`` so that ``len(tensor)`` keeps a symbolic batch."""
+def _dynamic_batch_patches(model: nn.Module) -> Iterator[None]:
+    """Keep the batch symbolic through transformers' RT-DETR forward, for the duration of an export only.
+
+    * ``len`` is shadowed in the model's transformers modules by one returning ``tensor.shape[0]``
+      (a SymInt under export, the same int in eager): ``batch_size = len(source_flatten)`` pinned it.
+    * the backbone wrappers (``RTDetrConvEncoder``, ``RTDetrV2ConvEncoder``) get :func:`_conv_encoder_forward`.
+    """
 
     def symbolic_len(obj: Any) -> Any:
         return obj.shape[0] if isinstance(obj, torch.Tensor) else builtins.len(obj)
 
-    modules = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__module__.startswith("transformers.")}
+    hf = [m for m in model.modules() if type(m).__module__.startswith("transformers.")]
+    modules = {sys.modules[type(m).__module__] for m in hf}
+    encoders = [m for m in hf if type(m).__name__.endswith("ConvEncoder") and hasattr(m, "model")]
     saved = {m: m.__dict__["len"] for m in modules if "len" in m.__dict__}
     for m in modules:
         m.len = symbolic_len
+    for m in encoders:
+        m.forward = types.MethodType(_conv_encoder_forward, m)
     try:
         yield
     finally:
+        for m in encoders:
+            del m.forward
         for m in modules:
             if m in saved:
                 m.len = saved[m]
@@ -103,7 +127,7 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], lo: i
         n = torch.export.Dim("N", min=lo, max=hi)
         dynamic_shapes = {"images": {0: n}, "orig_target_sizes": {0: n}}
     try:
-        with _symbolic_len(module), torch.no_grad():
+        with _dynamic_batch_patches(module), torch.no_grad():
             return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
         raise ExportError(f"torch.export failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
