@@ -12,7 +12,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from .errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, build, run and compare RT-DETR detectors.")
@@ -29,11 +32,14 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
 def _size(value: Optional[str]) -> Optional[tuple[int, int]]:
     if value is None:
         return None
-    parts = [int(p) for p in value.replace("x", ",").split(",")]
+    try:
+        parts = [int(p) for p in value.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise typer.BadParameter("--size takes H,W or one number")
+        raise InputError(f"--size takes H,W or one positive number, got {value!r}")
     return parts[0], parts[1]
 
 
@@ -234,18 +240,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ToolkitError as e:
         if _state["verbose"]:
             raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except typer.Abort:
+        return 1
+    except Exception as e:  # usage errors: typer bundles its own click, so match both
+        if type(e).__name__ in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter", "BadOptionUsage",
+                                "BadArgumentUsage") or hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             return 2
-        if isinstance(e, click.exceptions.Abort):
-            return 1
         raise
     return int(code or 0)
 

@@ -98,7 +98,7 @@ def _load_dataset(data_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
     p = Path(data_dir)
     ann = p if p.is_file() else p / "val.json"
     if not ann.is_file():
-        raise InputError(f"{data_dir}: expected a COCO JSON file or a directory with val.json (python -m toolkit.data ...)")
+        raise InputError(f"{data_dir}: expected a COCO JSON file or a directory with val.json (toolkit.data.make_shapes_dataset writes one)")
     gt = json.loads(ann.read_text())
     paths = [ann.parent / im["file_name"] for im in gt["images"]]
     missing = [str(q) for q in paths if not q.is_file()]
