@@ -116,7 +116,7 @@ def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_package(tiny_model, tiny_onnx, sample_images, tmp_path, precision):
+def test_gpu_package(tiny_model, tiny_onnx, sample_images, tmp_path, precision):
     from toolkit.build.aoti import build_aoti
 
     path = build_aoti(tiny_model, tmp_path / f"tiny_{precision}.pt2", precision=precision, batch=(1, 2, 4), device="cuda", progress=False)

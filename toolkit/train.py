@@ -162,6 +162,9 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     deploy = build_model(cfg, seed=seed)
     model = deploy.model.to(dev).train()
+    inner = getattr(model, "model", None)
+    if getattr(inner, "anchors", None) is not None:  # plain attributes, not buffers: .to() leaves them on the CPU
+        inner.anchors, inner.valid_mask = inner.anchors.to(dev), inner.valid_mask.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     step, trained, curve, runs = 0, 0.0, [], []
     horizon = schedule_seconds
