@@ -231,6 +231,46 @@ def bench(
         console.print(f"note: {note}")
 
 
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Argument(..., help="Checkpoint dir, weights file, config name, .onnx/.engine/.pt2 file."),
+    data: Optional[Path] = typer.Option(None, help="COCO JSON, or a dataset root with val.json."),
+    synthetic: Optional[int] = typer.Option(None, help="Evaluate on N fresh shapes images from an unseen seed (default 500)."),
+    backends: str = typer.Option("torch,onnxruntime", help="Comma-separated backends."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    tolerance: float = typer.Option(0.5, help="mAP points the backends may differ by."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+) -> None:
+    """COCO mAP on every backend, one row each; exit 1 if the backends disagree by more than the tolerance."""
+    from .atomic import write_text
+    from .evaluate import evaluate
+
+    if data is None and synthetic is None:
+        synthetic = 500
+    report = evaluate(model, data, synthetic, tuple(b for b in backends.split(",") if b), device, tolerance=tolerance, progress=True)
+    console.print(report.table(), highlight=False)
+    if json_path is not None:
+        write_text(json_path, json.dumps(report.to_dict(), indent=1))
+    if not report.agree:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Results folder."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the GPU if present)."),
+    eval_images: int = typer.Option(100, help="Synthetic images for the COCO evaluation."),
+) -> None:
+    """The whole toolkit on the shipped trained fixture: export, verify, build, run, compare, eval, report."""
+    from .demo import demo as run_demo
+
+    report = run_demo(output, device=device, eval_images=eval_images, say=lambda line: console.print(line, highlight=False))
+    console.print(report.eval_table, highlight=False)
+    console.print(f"demo {'PASS' if report.ok else 'FAIL'}: {report.output_dir / 'report.md'}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: ToolkitError -> one line on stderr, exit 2."""
     from .errors import ToolkitError

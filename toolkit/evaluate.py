@@ -1,7 +1,7 @@
 """COCO mAP of a model on every backend, with a maintained evaluator (faster-coco-eval).
 
-    python -m toolkit.evaluate runs/shapes/model --synthetic 500
-    python -m toolkit.evaluate runs/shapes/model --data DATASET_DIR --backends torch,onnxruntime
+    rtdetr-deploy eval runs/shapes/model --synthetic 500
+    rtdetr-deploy eval runs/shapes/model --data DATASET_DIR --backends torch,onnxruntime
 
 One row per backend (mAP, mAP50, mAP75, images/s). The backends must agree within ``tolerance`` mAP points
 (0.5 by default): the report says whether they do. Images are preprocessed once with
@@ -10,7 +10,6 @@ One row per backend (mAP, mAP50, mAP75, images/s). The backends must agree withi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -23,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, MissingDependencyError
 
 SYNTHETIC_SEED = 20_260_101  # a seed training never uses: synthetic evaluation images are unseen
 
@@ -32,7 +31,7 @@ def _import_faster_coco_eval() -> Any:
     try:
         import faster_coco_eval
     except ImportError:
-        raise ImportError("COCO evaluation needs faster-coco-eval: pip install 'rtdetr-deploy[eval]' "
+        raise MissingDependencyError("COCO evaluation needs faster-coco-eval: pip install 'rtdetr-deploy[eval]' "
                           "(or pip install 'faster-coco-eval>=1.6')") from None
     return faster_coco_eval
 
@@ -232,28 +231,3 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
     else:
         message = f"backends DISAGREE: mAP differs by {diff:.2f} points (tolerance {tolerance})"
     return EvalReport(rows, len(paths), data, tolerance, agree, round(diff, 4), message)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toolkit.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="checkpoint dir, weights file, config name, .onnx/.engine/.pt2 file")
-    p.add_argument("--data", default=None, help="COCO JSON or dataset root with val.json")
-    p.add_argument("--synthetic", type=int, default=None, help="evaluate on N freshly generated shapes images (unseen seed)")
-    p.add_argument("--backends", default="torch,onnxruntime")
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tolerance", type=float, default=0.5, help="mAP points the backends may differ by")
-    p.add_argument("--json", default=None, help="write the report here")
-    a = p.parse_args(argv)
-    if a.data is None and a.synthetic is None:
-        a.synthetic = 500
-    report = evaluate(a.model, a.data, a.synthetic, tuple(b for b in a.backends.split(",") if b), a.device,
-                      batch_size=a.batch_size, tolerance=a.tolerance)
-    print(report.table())
-    if a.json:
-        Path(a.json).write_text(json.dumps(report.to_dict(), indent=1))
-    return 0 if report.agree else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -134,6 +134,9 @@ def load_hf_directory(path: Path) -> DeployModel:
     if model_type not in _MODEL_TYPES:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not an RT-DETR ({', '.join(_MODEL_TYPES)})")
     _, model_cls = _transformers_classes(model_type)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in our output
     try:
         model = model_cls.from_pretrained(str(path), local_files_only=True).eval()
     except Exception as e:  # transformers raises several types for broken directories
