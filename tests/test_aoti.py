@@ -136,3 +136,10 @@ def test_gpu_package(tiny_model, tiny_onnx, sample_images, tmp_path, precision):
         else:  # half-precision body: boxes within 1% of the image, scores within 0.01, boundary band 0.02
             _assert_detections_close(out, ref, box_atol=6.4, score_atol=1e-2, score_band=2e-2)
 
+
+
+def test_cli_aoti_needs_model(tiny_onnx, tmp_path):
+    from tests.conftest import run_cli
+
+    r = run_cli("build", str(tiny_onnx), "--backend", "aoti", "-o", str(tmp_path / "m.pt2"))
+    assert r.returncode == 2 and "--model" in r.stderr

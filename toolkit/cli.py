@@ -175,8 +175,10 @@ def build(
     workspace: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file to read and update."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse an identical engine from ~/.cache/rtdetr-deploy/engines."),
+    model: Optional[str] = typer.Option(None, "--model", help="aoti only: checkpoint or config name to compile (AOTInductor builds from the model)."),
+    device: Optional[str] = typer.Option(None, help="aoti only: cpu or cuda (default: the GPU if present)."),
 ) -> None:
-    """Build a TensorRT / TensorRT-RTX engine and its sidecar from an ONNX file."""
+    """Build a TensorRT / TensorRT-RTX engine, or an AOTInductor .pt2 (--backend aoti --model ...), and its sidecar."""
     from .build import build_engine
     from .errors import InputError
 
@@ -186,8 +188,20 @@ def build(
         parts = ()
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
-    result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
-                          timing_cache=timing_cache, cache=cache)
+    if backend == "aoti":
+        import torch
+
+        from .build.aoti import build_from_model
+
+        if model is None:
+            raise InputError("--backend aoti compiles the torch model, and the ONNX file cannot give back its weights: "
+                             "add --model CHECKPOINT_OR_CONFIG")
+        source, config = (model, None) if Path(model).exists() else (None, model)
+        result = build_from_model(source, output, config=config, precision=precision, batch=parts,
+                                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
+                              timing_cache=timing_cache, cache=cache)
     for note in result.warnings:
         console.print(f"[yellow]note:[/yellow] {note}")
     _print_signature(result.signature)
