@@ -131,15 +131,10 @@ class _Artifacts:
         if precision not in self._onnx:
             from .export import export_onnx
 
-            fp32 = self.workdir / f"{self.model.name}.onnx"
-            if not fp32.exists():
-                export_onnx(copy.deepcopy(self.model).cpu(), fp32, verify=False)
-            if precision == "fp32":
-                self._onnx[precision] = fp32
-            else:
-                from .precision import convert_onnx_precision
-
-                self._onnx[precision] = convert_onnx_precision(fp32, self.workdir / f"{self.model.name}.{precision}.onnx", precision)
+            path = self.workdir / f"{self.model.name}.{precision}.onnx"
+            if not path.exists():
+                export_onnx(copy.deepcopy(self.model).cpu(), path, verify=False, precision=precision)
+            self._onnx[precision] = path
         return self._onnx[precision]
 
     def engine(self, backend: str, precision: str, cuda_graph: bool, batch: int) -> BaseEngine:

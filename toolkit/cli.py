@@ -54,12 +54,13 @@ def export(
     sizes_dtype: str = typer.Option("int64", help="dtype of orig_target_sizes: int64 (official) or int32."),
     simplify: bool = typer.Option(False, help="Simplify with onnxslim (verified like the original)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
+    precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
 ) -> None:
     """Export a model behind the deploy contract to a verified ONNX file."""
     from .export import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
-                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify)
+                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision)
     if result.verify is not None:
         console.print(result.verify.summary())
     for note in result.lints:

@@ -107,3 +107,20 @@ class DeployModel(nn.Module):
         logits, boxes = self.raw(images)
         k = min(self.top_k, logits.shape[1] * logits.shape[2])
         return postprocess(logits, boxes, orig_target_sizes, k, self.preprocess)
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ReducedPrecision(nn.Module):
+    """The deploy model with its network body in ``dtype``: images are cast on the way in, while the
+    postprocess (sigmoid, top-K, box scaling) stays fp32 (it casts logits and boxes up first).
+    I/O dtypes are those of the fp32 contract, so every backend compares at the same interface."""
+
+    def __init__(self, deploy: DeployModel, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.deploy = deploy.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.deploy(images.to(self.dtype), orig_target_sizes)

@@ -7,6 +7,7 @@ against torch before the call returns (see :mod:`toolkit.verify`).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -18,7 +19,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, check_output_path
-from .contract import DeployModel
+from .contract import PRECISIONS, DeployModel, ReducedPrecision
 from .errors import ExportError
 from .models import load_model
 from .signature import CONTRACT_VERSION, INPUT_IMAGES, INPUT_SIZES, OUTPUTS, Signature, from_onnx
@@ -75,14 +76,23 @@ def export_onnx(
     sizes_dtype: str = "int64",
     simplify: bool = False,
     verify: bool = True,
+    precision: str = "fp32",
 ) -> ExportResult:
-    """Export ``model`` (anything :func:`toolkit.models.load_model` accepts) to a verified ONNX file at ``output``."""
+    """Export ``model`` (anything :func:`toolkit.models.load_model` accepts) to a verified ONNX file at ``output``.
+
+    ``precision="fp16"`` (or ``"bf16"``) exports the network body in half precision while the I/O, the
+    sigmoid, top-K and box scaling stay fp32: reduced precision as a property of the graph, which is what
+    strongly typed builders (TensorRT 11, TensorRT-RTX) need, and what ONNX Runtime CUDA runs as is.
+    """
     import onnx
 
     start = time.perf_counter()
     output = check_output_path(output)
     if sizes_dtype not in ("int64", "int32"):
         raise ExportError(f"sizes_dtype must be int64 or int32, got {sizes_dtype!r}")
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"ONNX precision must be fp32 or fp16, got {precision!r} (torch's ONNX exporter cannot "
+                          "trace a bfloat16 body; for bf16 use the AOTInductor build: rtdetr-deploy build --backend aoti)")
     deploy = load_model(model, config=config).eval()
     if size is not None:
         deploy = _resize_model(deploy, tuple(size))
@@ -92,11 +102,12 @@ def export_onnx(
     images = torch.rand(2, 3, h, w, device=device)
     sizes = torch.tensor([[w, h], [w // 2, h // 2]], dtype=sdtype, device=device)
     axes = {n: {0: "N"} for n in (INPUT_IMAGES, INPUT_SIZES, *OUTPUTS)} if dynamic_batch else None
+    traced = deploy if precision == "fp32" else ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).eval()
     with atomic_path(output) as tmp:
         try:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(deploy, (images, sizes), str(tmp), input_names=[INPUT_IMAGES, INPUT_SIZES],
+                torch.onnx.export(traced, (images, sizes), str(tmp), input_names=[INPUT_IMAGES, INPUT_SIZES],
                                   output_names=list(OUTPUTS), opset_version=opset, dynamic_axes=axes, dynamo=False)
         except Exception as e:
             raise ExportError(f"torch.onnx.export failed at opset {opset}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
@@ -109,6 +120,7 @@ def export_onnx(
             "toolkit_version": __version__, "contract_version": CONTRACT_VERSION, "config_name": deploy.name,
             "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
+            "precision": precision,
         }
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
@@ -120,7 +132,7 @@ def export_onnx(
         onnx.save(onnx_model, str(tmp))
         report = None
         if verify:
-            report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,))
+            report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
             if not report.ok:
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
     return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)

@@ -16,21 +16,27 @@ constant deep in the graph shows up there).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .contract import DeployModel
+from .contract import PRECISIONS, DeployModel, ReducedPrecision
 from .matching import match_permutation
 from .numerics import tf32
 from .signature import INPUT_IMAGES, INPUT_SIZES
 
-SELECTION_ATOL = 1e-3  # encoder class logits; float32 reorderings stay far below this
-TIE_GAP = 1e-4  # a boundary gap smaller than this is a tie that backends may break differently
-BOX_ATOL_FRACTION = 1e-4  # matched boxes: this fraction of the image size (0.064 px at 640), plus 0.01 px
-SCORE_ATOL = 1e-4
+# Tolerances per precision of the graph body (torch and ORT both run the body in that precision).
+# fp32: reorderings of float32 sums stay far below these. fp16/bf16: a few units in the last place of a
+# 10-bit (7-bit) mantissa, accumulated through the network.
+TOLERANCES = {
+    # precision: (selection logits atol, tie gap, box atol as a fraction of the image size, score atol)
+    "fp32": (1e-3, 1e-4, 1e-4, 1e-4),
+    "fp16": (0.05, 5e-3, 2e-3, 5e-3),
+    "bf16": (0.3, 3e-2, 1e-2, 3e-2),
+}
 
 
 @dataclass
@@ -93,14 +99,17 @@ def _selection_node_output(onnx_model: Any) -> str | None:
     return None
 
 
-def _torch_selection_scores(model: DeployModel, images: torch.Tensor, sizes: torch.Tensor):
+def _torch_selection_scores(model: DeployModel, images: torch.Tensor, sizes: torch.Tensor, precision: str = "fp32"):
     """Torch outputs plus the encoder's per-position max class logits (None if the model has no enc_score_head)."""
+    forward = model if precision == "fp32" else ReducedPrecision(copy.deepcopy(model), PRECISIONS[precision])
+    if precision != "fp32":
+        model = forward.deploy
     head = getattr(getattr(getattr(model.model, "model", None), "enc_score_head", None), "register_forward_hook", None)
     captured: dict[str, torch.Tensor] = {}
     handle = head(lambda _m, _i, out: captured.__setitem__("scores", out)) if head else None
     try:
         with torch.inference_mode(), tf32(False):
-            outputs = model(images, sizes)
+            outputs = forward(images, sizes)
     finally:
         if handle is not None:
             handle.remove()
@@ -109,8 +118,11 @@ def _torch_selection_scores(model: DeployModel, images: torch.Tensor, sizes: tor
 
 
 def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtype = torch.int64,
-                batches: tuple[int, ...] = (2, 3), seed: int = 0) -> VerifyReport:
-    """Run ``path`` in ORT (CPU) and the torch model on the same images; see the module docstring."""
+                batches: tuple[int, ...] = (2, 3), seed: int = 0, precision: str = "fp32") -> VerifyReport:
+    """Run ``path`` in ORT (CPU) and the torch model on the same images; see the module docstring.
+
+    ``precision``: the body precision of the graph; torch then runs its body in that precision too."""
+    selection_atol, tie_gap, box_fraction, score_atol = TOLERANCES[precision]
     import onnx
     import onnxruntime as ort
 
@@ -118,7 +130,8 @@ def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtyp
     sel_name = _selection_node_output(onnx_model)
     notes = []
     if sel_name is not None:
-        onnx_model.graph.output.append(onnx.helper.make_tensor_value_info(sel_name, onnx.TensorProto.FLOAT, None))
+        body_type = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
+        onnx_model.graph.output.append(onnx.helper.make_tensor_value_info(sel_name, body_type, None))
     else:
         notes.append("no encoder query selection found in the graph: only final outputs are compared")
     options = ort.SessionOptions()
@@ -133,40 +146,44 @@ def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtyp
         sizes = torch.tensor([[w + 37 * j, h - 11 * j] for j in range(batch)], dtype=sizes_dtype)
         outs = session.run(None, {INPUT_IMAGES: images.numpy(), INPUT_SIZES: sizes.numpy()})
         ort_out = dict(zip([o.name for o in session.get_outputs()], outs))
-        (labels, boxes, scores), sel = _torch_selection_scores(model, images.to(device), sizes.to(device))
+        (labels, boxes, scores), sel = _torch_selection_scores(model, images.to(device), sizes.to(device), precision)
         ref = {"labels": labels.cpu(), "boxes": boxes.cpu(), "scores": scores.cpu()}
         check = BatchCheck(batch=batch)
         for name in ("labels", "boxes", "scores"):
             if tuple(ort_out[name].shape) != tuple(ref[name].shape):
                 check.problems.append(f"{name}: ORT shape {list(ort_out[name].shape)} != torch {list(ref[name].shape)}")
         if sel is not None and sel_name is not None:
-            ort_sel = torch.from_numpy(ort_out[sel_name])
+            ort_sel = torch.from_numpy(ort_out[sel_name].astype('float32'))
             if ort_sel.shape != sel.shape:
                 check.problems.append(f"selection scores: ORT shape {list(ort_sel.shape)} != torch {list(sel.shape)}")
             else:
                 check.selection_max_diff = (ort_sel - sel.cpu()).abs().max().item()
-                if check.selection_max_diff > SELECTION_ATOL:
-                    check.problems.append(f"selection scores differ by {check.selection_max_diff:.3g} (> {SELECTION_ATOL}): "
+                if check.selection_max_diff > selection_atol:
+                    check.problems.append(f"selection scores differ by {check.selection_max_diff:.3g} (> {selection_atol}): "
                                           "the graph before the query selection does not match torch")
                 if num_queries and sel.shape[1] > num_queries:
                     ordered = sel.sort(dim=1, descending=True).values
                     check.boundary_gap = (ordered[:, num_queries - 1] - ordered[:, num_queries]).min().item()
-                    check.tied = check.boundary_gap < TIE_GAP
+                    check.tied = check.boundary_gap < tie_gap
         if not check.tied and not check.problems:
             size_scale = float(max(h, w, sizes.max().item()))
             for j in range(batch):
-                m = match_permutation({k: v[j] for k, v in ref.items()}, {k: torch.from_numpy(ort_out[k][j]) for k in ref})
+                m = match_permutation({k: v[j] for k, v in ref.items()}, {k: torch.from_numpy(ort_out[k][j]) for k in ref},
+                                      score_band=score_atol)
                 check.final_compared += m.compared
                 check.final_max_box_diff = max(check.final_max_box_diff or 0.0, m.max_box_diff)
                 check.final_max_score_diff = max(check.final_max_score_diff or 0.0, m.max_score_diff)
                 check.final_label_mismatches += m.label_mismatches
-            box_tol = BOX_ATOL_FRACTION * size_scale + 0.01
-            if check.final_max_box_diff > box_tol or check.final_max_score_diff > SCORE_ATOL or check.final_label_mismatches:
+            box_tol = box_fraction * size_scale + 0.01
+            if check.final_max_box_diff > box_tol or check.final_max_score_diff > score_atol or check.final_label_mismatches:
                 check.problems.append(f"final outputs differ: box {check.final_max_box_diff:.3g} px (tol {box_tol:.3g}), "
-                                      f"score {check.final_max_score_diff:.3g} (tol {SCORE_ATOL}), {check.final_label_mismatches} label mismatches")
+                                      f"score {check.final_max_score_diff:.3g} (tol {score_atol}), {check.final_label_mismatches} label mismatches")
         checks.append(check)
     if any(c.tied for c in checks):
-        notes.append("the encoder's query selection is tied at its top-K boundary (flat scores, typical of untrained "
-                     "weights): torch and ORT may pick different queries, so final outputs were not compared; "
-                     "use trained weights (or toolkit.models.make_tie_free_) for an end-to-end check")
+        why = ("flat scores, typical of untrained weights" if precision == "fp32" else
+               f"scores closer than {precision} rounding can separate")
+        notes.append(f"the encoder's query selection is tied at its top-K boundary ({why}): torch and ORT may pick "
+                     "different queries, so final outputs were not compared elementwise; "
+                     + ("use trained weights (or toolkit.models.make_tie_free_) for an end-to-end check" if precision == "fp32"
+                        else "compare it detection by detection with toolkit.compare (rtdetr-deploy compare)"))
     return VerifyReport(ok=not any(c.problems for c in checks), checks=checks, notes=notes)

@@ -20,6 +20,7 @@ import torch
 from ..binding import BoundInputs
 from ..engine import BaseEngine
 from ..errors import EngineError
+from ..numerics import tf32
 from ..sidecar import read_sidecar
 from ..signature import OUTPUTS, Signature
 
@@ -48,7 +49,8 @@ def _check_device(path: Path, meta: dict[str, Any], device: torch.device) -> tor
 class AotiEngine(BaseEngine):
     backend = "aoti"
 
-    def __init__(self, path: str | Path, device: torch.device | None = None, **options: Any) -> None:
+    def __init__(self, path: str | Path, device: torch.device | None = None, *, tf32: bool = False, **options: Any) -> None:
+        self.tf32 = tf32
         path = Path(path)
         meta = read_sidecar(path)
         if meta.get("backend") != "aoti":
@@ -69,7 +71,7 @@ class AotiEngine(BaseEngine):
         self.precision = meta.get("precision", "fp32")
 
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+        with torch.inference_mode(), tf32(self.tf32):  # exact fp32 unless asked: cuDNN reads the flag at run time
             out = self.runner(*(bound.tensors[spec.name] for spec in self.signature.inputs))
         result = dict(zip(OUTPUTS, out))
         if bound.outputs is not None:  # the compiled model allocates its results: copy into the caller's buffers

@@ -36,27 +36,15 @@ import torch
 from torch import nn
 
 from ..atomic import check_output_path
-from ..contract import DeployModel
+from ..contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..errors import ExportError
 from ..models import load_model
+from ..numerics import tf32
 from ..sidecar import read_sidecar, sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION, Signature
 from . import BuildError, BuildResult
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")
-
-
-class _Body(nn.Module):
-    """The deploy model with its body in ``dtype``: images are cast on the way in, the postprocess stays fp32."""
-
-    def __init__(self, deploy: DeployModel, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.deploy = deploy.to(dtype)
-        self.dtype = dtype
-
-    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.deploy(images.to(self.dtype), orig_target_sizes)
 
 
 def _conv_encoder_forward(self: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -161,7 +149,7 @@ def build_aoti(
         raise BuildError(f"an AOTInductor package must end in .pt2, got {output.name}")
     lo, opt, hi = _check_options(precision, batch, device)
     deploy = load_model(model, config=config).eval()
-    body = _Body(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
+    body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
     h, w = deploy.preprocess.size
     n = min(max(opt, 2), hi) if lo < hi else lo  # an example batch of 1 would be specialized by export
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +165,8 @@ def build_aoti(
                 status.update(f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU")
             tmp = tmpdir / output.name
             try:
-                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_configs or {})
+                with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_configs or {})
             except Exception as e:
                 raise ExportError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
         os.replace(tmp, output)
