@@ -54,33 +54,25 @@ def test_binder_microbenchmark_runs(tiny_onnx):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_the_normal_call(tiny_model, sample_images):
+def test_eager_torch_cannot_be_captured_and_says_so(tiny_model, sample_images):
+    """transformers' eager RT-DETR copies host values to the GPU inside forward: capture fails with a clear error
+    (AOTInductor packages are captured instead: tests/test_aoti.py::test_gpu_package)."""
     import copy
 
     from toolkit.cudagraph import CudaGraphEngine
 
     images, sizes = (t.cuda() for t in sample_images)
-    plain = toolkit.load(copy.deepcopy(tiny_model), device="cuda")
     graph = CudaGraphEngine(toolkit.load(copy.deepcopy(tiny_model), device="cuda"))
-    ref = plain(images=images, orig_target_sizes=sizes)
-    for _ in range(3):  # capture, then replays
-        out = graph(images=images, orig_target_sizes=sizes.int())  # the binder still converts int32 -> int64
-        assert all(torch.equal(out[k], ref[k]) for k in ref)
-    other = graph(images=images.flip(0), orig_target_sizes=sizes.flip(0))
-    assert torch.equal(other["boxes"], plain(images=images.flip(0), orig_target_sizes=sizes.flip(0))["boxes"])
-    with pytest.raises(toolkit.BindingError):
-        graph(images=images, orig_target_sizes=sizes.float() + 0.5)
+    with pytest.raises(toolkit.EngineError, match="cannot be captured in a CUDA graph"):
+        graph(images=images, orig_target_sizes=sizes)
 
 
 @pytest.mark.gpu
-def test_ort_cuda_graph_matches_the_normal_call(tiny_onnx, sample_images):
+def test_ort_cuda_graph_is_refused_clearly_for_rt_detr(tiny_onnx):
     from toolkit.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime has no CUDAExecutionProvider")
-    images, sizes = (t.cuda() for t in sample_images)
-    ref = toolkit.load(tiny_onnx, device="cuda")(images=images, orig_target_sizes=sizes)
-    eng = toolkit.load(tiny_onnx, device="cuda", cuda_graph=True)
-    for _ in range(3):
-        out = eng(images=images, orig_target_sizes=sizes)
-        assert torch.allclose(out["boxes"], ref["boxes"], atol=1e-3)
+    # RT-DETR's graph keeps shape nodes on the CPU, so ORT refuses graph capture for it: a clear error, not a hang
+    with pytest.raises(toolkit.EngineError, match="graph capture"):
+        toolkit.load(tiny_onnx, device="cuda", cuda_graph=True)
