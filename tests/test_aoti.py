@@ -117,8 +117,7 @@ def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gpu_package(tmp_path, precision):
-    """CUDA packages of the trained fixture (the tie-free tiny test model overflows in fp16) against eager torch,
-    and the same package replayed as a CUDA graph."""
+    """CUDA packages of the trained fixture (the tie-free tiny test model overflows in fp16) against eager torch."""
     from toolkit.build.aoti import build_aoti
     from toolkit.compare import compare
     from toolkit.cudagraph import CudaGraphEngine
@@ -144,13 +143,16 @@ def test_gpu_package(tmp_path, precision):
             _assert_detections_close(out, ref, box_atol=0.1, score_atol=1e-4)
     report = compare(ref_engine, engine)  # detection by detection, the verdict users get
     assert report.ok, report.summary()
-    graph = CudaGraphEngine(engine)  # AOTInductor runs are capturable: replay equals the plain call
-    images = verification_images(2, (320, 320), seed=5).cuda()
-    sizes = torch.tensor([[640, 480], [320, 320]], device="cuda")
-    plain = engine(images=images, orig_target_sizes=sizes)
-    for _ in range(3):
-        replay = graph(images=images, orig_target_sizes=sizes.int())  # the binder still converts int32 -> int64
-        assert all(torch.equal(replay[k], plain[k]) for k in plain)
+    # the AOTInductor runner refuses stream capture ("operation not permitted when stream is capturing", torch 2.11
+    # on the H100): wrapping it in a CUDA graph fails with one clear error instead of corrupting anything
+    with pytest.raises(EngineError, match="cannot be captured in a CUDA graph"):
+        CudaGraphEngine(engine)(images=images_graph(), orig_target_sizes=torch.tensor([[640, 480]], device="cuda"))
+
+
+def images_graph() -> torch.Tensor:
+    from toolkit.verify import verification_images
+
+    return verification_images(1, (320, 320), seed=5).cuda()
 
 
 def test_cli_aoti_needs_model(tiny_onnx, tmp_path):
