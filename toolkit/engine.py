@@ -68,6 +68,15 @@ class BaseEngine:
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:  # pragma: no cover - every backend overrides
         raise EngineError(f"{type(self).__name__} does not implement _run")
 
+    @staticmethod
+    def _into_callers(result: dict[str, torch.Tensor], bound: BoundInputs) -> dict[str, torch.Tensor]:
+        """For backends that allocate their own results: copy them into caller-provided ``outputs=`` buffers."""
+        if bound.outputs is None:
+            return result
+        for name, t in result.items():
+            bound.outputs[name].copy_(t)
+        return bound.outputs
+
     def close(self) -> None:
         """Release what the backend holds; the engine is unusable afterwards."""
 

@@ -73,12 +73,7 @@ class AotiEngine(BaseEngine):
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
         with torch.inference_mode(), tf32(self.tf32):  # exact fp32 unless asked: cuDNN reads the flag at run time
             out = self.runner(*(bound.tensors[spec.name] for spec in self.signature.inputs))
-        result = dict(zip(OUTPUTS, out))
-        if bound.outputs is not None:  # the compiled model allocates its results: copy into the caller's buffers
-            for name, t in result.items():
-                bound.outputs[name].copy_(t)
-            return bound.outputs
-        return result
+        return self._into_callers(dict(zip(OUTPUTS, out)), bound)
 
     def close(self) -> None:
         self.runner = None

@@ -38,12 +38,7 @@ class TorchEngine(BaseEngine):
         autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with torch.inference_mode(), numerics.tf32(self.tf32), autocast:
             out = self.model(bound.tensors[INPUT_IMAGES], bound.tensors[INPUT_SIZES])
-        result = dict(zip(OUTPUTS, out))
-        if bound.outputs is not None:  # eager torch allocates its own results: copy into the caller's buffers
-            for name, t in result.items():
-                bound.outputs[name].copy_(t)
-            return bound.outputs
-        return result
+        return self._into_callers(dict(zip(OUTPUTS, out)), bound)
 
 
 def load(source: Any, device: torch.device | None = None, config: str | None = None, **options: Any) -> TorchEngine:

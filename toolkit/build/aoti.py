@@ -39,6 +39,7 @@ from ..atomic import check_output_path
 from ..contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..errors import ExportError
 from ..models import load_model
+from ..numerics import tf32
 from ..sidecar import read_sidecar, sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION, Signature
 from . import BuildError, BuildResult
@@ -163,7 +164,11 @@ def build_aoti(
             if progress:
                 status.update(f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU")
             tmp = tmpdir / output.name
-            _compile_in_subprocess(program, tmp, tmpdir, inductor_configs or {})
+            try:
+                with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_configs or {})
+            except Exception as e:
+                raise BuildError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -187,30 +192,6 @@ def build_aoti(
         info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(index))
     write_sidecar(output, info)
     return output
-
-
-_COMPILE = """
-import json, sys, torch
-from toolkit.numerics import tf32
-program = torch.export.load(sys.argv[1])
-with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
-    torch._inductor.aoti_compile_and_package(program, package_path=sys.argv[2], inductor_configs=json.loads(sys.argv[3]))
-"""
-
-
-def _compile_in_subprocess(program: Any, package: Path, workdir: Path, inductor_configs: dict[str, Any]) -> None:
-    """Compile in a child process: loading a CUDA package into the process that compiled it crashed (segfault in
-    ``aoti_load_package``, seen twice on the H100 with torch 2.11), and the child also frees the compiler's memory."""
-    import json
-    import subprocess
-
-    saved = workdir / "program.pt2"
-    torch.export.save(program, str(saved))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(saved), str(package), json.dumps(inductor_configs)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not package.is_file():
-        tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-3:]
-        raise BuildError(f"AOTInductor compile failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
 def build_from_model(model: Any, output: str | Path, backend: str = "aoti", **options: Any) -> BuildResult:
