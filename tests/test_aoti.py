@@ -119,7 +119,7 @@ def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
 def test_gpu_package(tmp_path, precision):
     """CUDA packages of the trained fixture (the tie-free tiny test model overflows in fp16) against eager torch."""
     from toolkit.build.aoti import build_aoti
-    from toolkit.compare import compare
+    from toolkit.comparison import compare
     from toolkit.cudagraph import CudaGraphEngine
     from toolkit.demo import fixture_path
 

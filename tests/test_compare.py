@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.compare import Thresholds, compare, synthetic_images
+from toolkit.comparison import Thresholds, compare, synthetic_images
 from toolkit.errors import ComparisonError
 
 from .conftest import run_cli
@@ -147,7 +147,7 @@ def test_random_weights_raise_no_false_alarm(tmp_path):
 
 
 def test_thresholds_catch_two_px_shift_of_a_small_box():
-    from toolkit.compare import match_image
+    from toolkit.comparison import match_image
     from toolkit.detections import Detections
 
     boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [100.0, 50.0, 400.0, 350.0]])

@@ -47,7 +47,7 @@ def test_fp16_graph_keeps_fp32_io_and_postprocess(fixture_onnx):
 
 
 def test_fp16_and_fp32_engines_agree_and_a_2px_shift_does_not(fixture_onnx, tmp_path):
-    from toolkit.compare import compare
+    from toolkit.comparison import compare
 
     fp32, fp16 = (r.path for r in fixture_onnx)
     a, b = toolkit.load(fp32, device="cpu"), toolkit.load(fp16, device="cpu")

@@ -20,6 +20,7 @@ _EXPORTS = {
     "export_onnx": "export",
     "inspect_file": "inspect",
     "load": "engine", "Engine": "engine",
+    "compare": "comparison", "CompareReport": "comparison",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -229,7 +229,7 @@ def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.d
 
 def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool) -> str | None:
     """Why a configuration fails against the fp32 ONNX Runtime reference of the check model, or None if it passes."""
-    from .compare import compare
+    from .comparison import compare
 
     ref = artifacts.engine("onnxruntime", "fp32", False, 1)
     candidate = artifacts.engine(backend, precision, cuda_graph, 1)

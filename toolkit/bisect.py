@@ -97,12 +97,12 @@ def bisect_onnx(onnx_a: str | Path, onnx_b_or_torch_model: Any, images: Sequence
     ``atol + rtol * max|a|`` (integer tensors must be equal).
 
     ``images``: image files (preprocessed with graph A's preprocessing), an ``images`` tensor [N,3,H,W],
-    or None for the synthetic images of :func:`toolkit.compare.synthetic_images`. Raise the tolerances for
+    or None for the synthetic images of :func:`toolkit.comparison.synthetic_images`. Raise the tolerances for
     fp32 vs fp16 graphs (``rtol=5e-2``).
     """
     import numpy as np
 
-    from .compare import synthetic_images
+    from .comparison import synthetic_images
     from .preprocessing import list_images, preprocess
     from .signature import from_onnx
 

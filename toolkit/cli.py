@@ -136,7 +136,7 @@ def compare(
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Store A's inputs and outputs as a reference bundle."),
 ) -> None:
     """Compare two backends as detectors; exit 1 when they disagree or a sentinel fires."""
-    from .compare import compare as compare_backends
+    from .comparison import compare as compare_backends
 
     result = compare_backends(a, b, images, score_threshold=score_threshold, report_dir=report, backend_a=backend_a,
                               backend_b=backend_b, device_a=device_a, device_b=device_b, save_reference_dir=save_reference)

@@ -105,7 +105,7 @@ def demo(output_dir: str | Path = "runs/demo", *, model_dir: str | Path | None =
 
     ``say`` receives one line per step (progress)."""
     from . import load
-    from .compare import compare
+    from .comparison import compare
     from .data import make_shapes_dataset
     from .evaluate import evaluate
     from .export import export_onnx

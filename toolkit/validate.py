@@ -5,7 +5,7 @@ images, deterministic), ``torch`` (eager; sentinels only, it is the reference), 
 written by :func:`toolkit.export.export_onnx`), then each further backend built by ``toolkit.build`` when
 that module is importable and the backend's library is installed (otherwise the stage is listed as
 skipped with the reason). Every model stage is compared with the one before and with torch by
-:func:`toolkit.compare.judge`. ``perturb`` breaks a stage on purpose (tests, demos): a callable per stage
+:func:`toolkit.comparison.judge`. ``perturb`` breaks a stage on purpose (tests, demos): a callable per stage
 name applied to that stage's output (``{images, orig_target_sizes}`` for ``preprocess``, ``{labels,
 boxes, scores}`` for a model stage).
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from .atomic import write_text
-from .compare import CompareReport, Side, Thresholds, _replay, judge, synthetic_images
+from .comparison import CompareReport, Side, Thresholds, _replay, judge, synthetic_images
 from .detections import split_batch
 from .engine import BaseEngine, load
 from .errors import InputError, MissingDependencyError, ToolkitError
