@@ -14,6 +14,13 @@ import torch
 from toolkit.models import build_model, make_tie_free_
 
 
+def pytest_configure(config):
+    """Built engines go to a per-session cache, never the user's ~/.cache."""
+    import tempfile
+
+    os.environ.setdefault("RTDETR_DEPLOY_CACHE", tempfile.mkdtemp(prefix="rtdetr-test-cache-"))
+
+
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     has_trt = importlib.util.find_spec("tensorrt") is not None

@@ -39,6 +39,23 @@ def _assert_detections_close(out, ref, *, box_atol, score_atol, score_band=1e-4)
     return diffs
 
 
+def test_second_build_comes_from_the_cache(tiny_pt2, tiny_model, tmp_path):
+    """The same weights and options reuse the package (the demo relies on it); other options do not."""
+    import time
+
+    from toolkit.build.aoti import build_aoti
+
+    start = time.perf_counter()
+    again = build_aoti(tiny_model, tmp_path / "again.pt2", batch=(1, 2, 4), device="cpu", progress=False)
+    assert time.perf_counter() - start < 30  # a compile takes minutes on this machine; a hit is a copy
+    assert again.read_bytes() == tiny_pt2.read_bytes()
+    from toolkit.build.aoti import _cache_key
+
+    key = _cache_key(tiny_model, "fp32", (1, 2, 4), "cpu", {})
+    assert key != _cache_key(tiny_model, "fp32", (1, 2, 3), "cpu", {})  # other options, other package
+    assert key != _cache_key(tiny_model, "fp16", (1, 2, 4), "cuda", {})
+
+
 def test_sidecar(tiny_pt2, tiny_model):
     meta = read_sidecar(tiny_pt2)
     assert meta["backend"] == "aoti" and meta["device"] == "cpu" and meta["precision"] == "fp32"

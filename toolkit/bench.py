@@ -9,6 +9,7 @@ is refused, with the reason, and its timings are not reported. Speed never at th
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import statistics
@@ -315,7 +316,7 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         start = time.perf_counter()
         engine = artifacts.engine(row.backend, row.precision, row.cuda_graph, row.batch)
         feeds = _inputs(model, row.batch, dev)
-        call = (_end_to_end_call(engine, model, row.batch, dev) if row.end_to_end else (lambda: engine.infer(feeds)))
+        call = _end_to_end_call(engine, model, row.batch, dev) if row.end_to_end else functools.partial(engine.infer, feeds)
         call()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -7,10 +7,8 @@ Built engines are cached (keyed by the fixture's weights), so a second run is fa
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,27 +58,11 @@ def fixture_path() -> Path:
     return FIXTURE_DIR
 
 
-def _fixture_key(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _cache_dir(key: str) -> Path:
-    from .build import cache_dir
-
-    d = cache_dir() / "demo" / key
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def _build_engines(model_dir: Path, onnx_path: Path, device: torch.device, out: Path, report: DemoReport) -> dict[str, Path]:
-    """The best engines available here: TensorRT where it exists (GPU), AOTInductor always (cached)."""
+    """The best engines available here: TensorRT where it exists (GPU), AOTInductor always (both cached)."""
+    from .build.aoti import build_aoti
+
     engines: dict[str, Path] = {}
-    cache = _cache_dir(_fixture_key(model_dir))
     if device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         from .build import build_engine
 
@@ -88,14 +70,7 @@ def _build_engines(model_dir: Path, onnx_path: Path, device: torch.device, out: 
         engines["tensorrt"] = res.path
     else:
         report.skipped["tensorrt"] = "TensorRT is not installed here" if device.type == "cuda" else "no CUDA GPU here"
-    pt2 = cache / f"model.{device.type}.pt2"
-    if not pt2.exists() or not (cache / f"model.{device.type}.pt2.json").exists():
-        from .build.aoti import build_aoti
-
-        build_aoti(model_dir, pt2, device=device.type, batch=(1, 4, 16))
-    for suffix in ("", ".json"):
-        shutil.copy2(str(pt2) + suffix, out / ("model.pt2" + suffix))
-    engines["aoti"] = out / "model.pt2"
+    engines["aoti"] = build_aoti(model_dir, out / "model.pt2", device=device.type, batch=(1, 4, 16))
     return engines
 
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from .atomic import write_text
 from .detections import Detections, draw, split_batch
 from .engine import BaseEngine, load

@@ -42,7 +42,7 @@ from ..models import load_model
 from ..numerics import tf32
 from ..sidecar import read_sidecar, sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION, Signature
-from . import BuildError, BuildResult
+from . import BuildError, BuildResult, _copy, cache_dir
 
 DEVICES = ("cpu", "cuda")
 
@@ -131,8 +131,12 @@ def build_aoti(
     progress: bool = True,
     config: str | None = None,
     inductor_configs: dict[str, Any] | None = None,
+    cache: bool = True,
 ) -> Path:
     """Compile ``model`` to an AOTInductor package at ``output`` (``.pt2``) plus its sidecar; returns the path.
+
+    ``cache``: reuse a package built before from the same weights, options, torch version and GPU
+    (the engine cache of :func:`toolkit.build.cache_dir`); compiles take minutes, a hit takes a copy.
 
     ``model``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file).
     ``batch``: (min, opt, max) of the dynamic batch; the package runs any batch in [min, max].
@@ -149,6 +153,12 @@ def build_aoti(
         raise BuildError(f"an AOTInductor package must end in .pt2, got {output.name}")
     lo, opt, hi = _check_options(precision, batch, device)
     deploy = load_model(model, config=config).eval()
+    key = _cache_key(deploy, precision, (lo, opt, hi), device, inductor_configs or {})
+    cached = cache_dir() / f"aoti-{key}.pt2"
+    if cache and cached.is_file() and sidecar_path(cached).is_file():
+        _copy(cached, output)
+        _copy(sidecar_path(cached), sidecar_path(output))
+        return output
     body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
     h, w = deploy.preprocess.size
     n = min(max(opt, 2), hi) if lo < hi else lo  # an example batch of 1 would be specialized by export
@@ -191,7 +201,28 @@ def build_aoti(
         info["gpu_name"] = torch.cuda.get_device_name(index)
         info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(index))
     write_sidecar(output, info)
+    if cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _copy(output, cached)
+        _copy(sidecar_path(output), sidecar_path(cached))
     return output
+
+
+def _cache_key(deploy: DeployModel, precision: str, batch: tuple[int, int, int], device: str, inductor: dict[str, Any]) -> str:
+    """Weights, contract, options, torch/toolkit versions and GPU: what makes a package different."""
+    import hashlib
+    import json
+
+    from .. import __version__
+
+    h = hashlib.sha256()
+    for name, t in sorted(deploy.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    gpu = "{}.{}".format(*torch.cuda.get_device_capability()) if device == "cuda" and torch.cuda.is_available() else ""
+    h.update(json.dumps([deploy.signature().to_dict(), deploy.class_names, precision, batch, device, gpu, inductor,
+                         torch.__version__, __version__], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
 
 
 def build_from_model(model: Any, output: str | Path, backend: str = "aoti", **options: Any) -> BuildResult:
