@@ -168,9 +168,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: DeployModel, path: Path) -> DeployModel:
-    """Load a state dict (safetensors or .pth) into a built model; any missing/unexpected/mis-shaped key is an error."""
-    state = _read_state_dict(path)
+def load_weights(model: DeployModel, path: Path, state: dict[str, torch.Tensor] | None = None) -> DeployModel:
+    """Load a state dict (safetensors or .pth; ``state`` if already read from ``path``) into a built model;
+    any missing/unexpected/mis-shaped key is an error."""
+    state = _read_state_dict(path) if state is None else state
     target = model.model.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
@@ -253,4 +254,4 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
         return load_official_checkpoint(state, config=config, name=str(path))
     if config is None:
         raise ConfigError(f"{path}: a weights file needs --config NAME; known configs: {', '.join(available_configs())}")
-    return load_weights(build_model(config), path)
+    return load_weights(build_model(config), path, state)
