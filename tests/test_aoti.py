@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import toolkit
+from toolkit.build import BuildError, build_engine
 from toolkit.errors import EngineError
 from toolkit.matching import match_permutation
 from toolkit.sidecar import read_sidecar, sidecar_path
@@ -113,8 +115,8 @@ def test_corrupted_package(tiny_pt2, tmp_path):
 
 
 def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
-    from toolkit.build import BuildError, build_engine
-    from toolkit.build.aoti import build_aoti, build_from_model
+    from toolkit.build import build_from_model
+    from toolkit.build.aoti import build_aoti
 
     with pytest.raises(BuildError, match="precision"):
         build_aoti(tiny_model, tmp_path / "m.pt2", precision="int8")
@@ -126,7 +128,7 @@ def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
         build_aoti(tiny_model, tmp_path / "m.engine")
     with pytest.raises(BuildError, match="from an ONNX file"):
         build_from_model(tiny_model, tmp_path / "m.engine", backend="tensorrt")
-    with pytest.raises(BuildError, match="--model"):  # the ONNX route cannot rebuild weights
+    with pytest.raises(BuildError, match="--model"):  # exported from an in-memory module: no model to compile
         build_engine(tiny_onnx, tmp_path / "m.pt2", backend="aoti", cache=False)
     assert not list(tmp_path.iterdir())
 
@@ -160,20 +162,68 @@ def test_gpu_package(tmp_path, precision):
             _assert_detections_close(out, ref, box_atol=0.1, score_atol=1e-4)
     report = compare(ref_engine, engine)  # detection by detection, the verdict users get
     assert report.ok, report.summary()
-    # the AOTInductor runner refuses stream capture ("operation not permitted when stream is capturing", torch 2.11
-    # on the H100): wrapping it in a CUDA graph fails with one clear error instead of corrupting anything
-    with pytest.raises(EngineError, match="cannot be captured in a CUDA graph"):
-        CudaGraphEngine(engine)(images=images_graph(), orig_target_sizes=torch.tensor([[640, 480]], device="cuda"))
+    # the default AOTInductor runner synchronizes threads in ways stream capture refuses: a clear error up front
+    with pytest.raises(EngineError, match="cannot be captured"):
+        CudaGraphEngine(engine)
+    # loaded single-threaded (what cuda_graph=True asks for), the package is captured and replayed per batch size;
+    # the binder still converts the int32 sizes before they are copied into the graph's static inputs
+    graphed = toolkit.load(path, device="cuda", cuda_graph=True)
+    assert isinstance(graphed, CudaGraphEngine) and graphed.inner.run_single_threaded
+    for n in (1, 3, 1):
+        images = verification_images(n, (320, 320), seed=10 + n).cuda()
+        sizes = torch.tensor([[640, 480]] * n, device="cuda")
+        plain = engine(images=images, orig_target_sizes=sizes)
+        replayed = graphed(images=images, orig_target_sizes=sizes.to(torch.int32))
+        _assert_detections_close(replayed, plain, box_atol=1e-3, score_atol=1e-5)
+    assert len(graphed._graphs) == 2
 
 
-def images_graph() -> torch.Tensor:
+def test_cli_build_onnx_to_pt2_then_run(tmp_path):
+    """The issue's flow: export a checkpoint, `build m.onnx --backend aoti -o m.pt2` (the ONNX names its model and
+    the weights' sha256), then `run m.pt2`; the detections equal ONNX Runtime's on the same image."""
+    from tests.conftest import run_cli
+    from torchvision.io import write_png
+
+    from toolkit.demo import fixture_path
     from toolkit.verify import verification_images
 
-    return verification_images(1, (320, 320), seed=5).cuda()
+    onnx_path, pt2 = tmp_path / "m.onnx", tmp_path / "m.pt2"
+    r = run_cli("export", str(fixture_path()), "-o", str(onnx_path), "--no-verify")
+    assert r.returncode == 0, r.stderr
+    # batch 1,4,16 on CPU: the demo's package, so the session cache usually has it
+    r = run_cli("build", str(onnx_path), "--backend", "aoti", "-o", str(pt2), "--batch", "1,4,16", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert read_sidecar(pt2)["device"] == "cpu"
+    write_png((verification_images(1, (240, 320), seed=4)[0] * 255).to(torch.uint8), str(tmp_path / "a.png"))
+    r = run_cli("run", str(pt2), str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    from toolkit.run import infer_images
+
+    got = infer_images(toolkit.load(pt2), [tmp_path / "a.png"])[0]
+    ref = infer_images(toolkit.load(onnx_path, device="cpu"), [tmp_path / "a.png"])[0]
+    assert got.labels.tolist() == ref.labels.tolist()
+    assert torch.allclose(got.boxes_xyxy, ref.boxes_xyxy, atol=0.05) and torch.allclose(got.scores, ref.scores, atol=1e-4)
 
 
-def test_cli_aoti_needs_model(tiny_onnx, tmp_path):
+def test_build_from_onnx_refuses_when_the_model_cannot_be_recovered(tiny_model, tmp_path):
+    """An ONNX from an in-memory module names no source; one whose checkpoint changed since has other weights."""
     from tests.conftest import run_cli
 
-    r = run_cli("build", str(tiny_onnx), "--backend", "aoti", "-o", str(tmp_path / "m.pt2"))
-    assert r.returncode == 2 and "--model" in r.stderr
+    from toolkit.export import export_onnx
+    from toolkit.models import save_model
+
+    r = run_cli("build", str(export_onnx(tiny_model, tmp_path / "mem.onnx", verify=False).path), "--backend", "aoti",
+                "-o", str(tmp_path / "m.pt2"))
+    assert r.returncode == 2 and "in-memory" in r.stderr and "--model" in r.stderr
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_model, ckpt)
+    onnx_path = export_onnx(str(ckpt), tmp_path / "ck.onnx", verify=False).path
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    save_model(changed, ckpt)
+    with pytest.raises(BuildError, match="not the exported ones"):
+        build_engine(onnx_path, tmp_path / "m.pt2", backend="aoti", device="cpu")
+    with pytest.raises(BuildError, match="TensorRT build options"):
+        build_engine(onnx_path, tmp_path / "m.pt2", backend="aoti", device="cpu", workspace_gib=1)
+    assert not (tmp_path / "m.pt2").exists()

@@ -29,7 +29,7 @@ from .signature import INPUT_IMAGES, INPUT_SIZES
 
 BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
 JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
-             "p99_ms", "images_per_s", "peak_torch_memory_mb", "first_call_s", "end_to_end")
+             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class BenchRow:
     peak_torch_memory_mb: float | None = None
     first_call_s: float | None = None
     end_to_end: bool = False
+    build_s: float | None = None
 
     @property
     def label(self) -> str:
@@ -60,10 +61,11 @@ class BenchReport:
     environment: dict[str, Any]
     binder_overhead_us: float | None = None
     notes: list[str] = field(default_factory=list)
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # bench(profile=True): see toolkit.profiling
 
     def to_dict(self) -> dict[str, Any]:
         return {"environment": self.environment, "binder_overhead_us": self.binder_overhead_us, "notes": self.notes,
-                "rows": [asdict(r) for r in self.rows]}
+                "rows": [asdict(r) for r in self.rows], "profiles": self.profiles}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -122,11 +124,13 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 class _Artifacts:
-    """Builds (once, in ``workdir``) what each backend needs from the model: ONNX files, .pt2 packages, engines."""
+    """Builds (once, in ``workdir``) what each backend needs from the model (ONNX files, .pt2 packages, engines)
+    and keeps the loaded engine of the configuration being measured, so each package is loaded once per run."""
 
     def __init__(self, model: Any, workdir: Path, device: torch.device, max_batch: int) -> None:
         self.model, self.workdir, self.device, self.max_batch = model, workdir, device, max_batch
         self._onnx: dict[str, Path] = {}
+        self._engines: dict[tuple[str, str, bool], BaseEngine] = {}
 
     def onnx(self, precision: str) -> Path:
         if precision not in self._onnx:
@@ -138,39 +142,47 @@ class _Artifacts:
             self._onnx[precision] = path
         return self._onnx[precision]
 
-    def engine(self, backend: str, precision: str, cuda_graph: bool, batch: int) -> BaseEngine:
-        from . import engine as engine_mod
-
-        options = {"check_values": False}
+    def artifact(self, backend: str, precision: str) -> Any:
+        """The file ``backend`` loads (built on first use: export, AOTI compile, engine build), or the model."""
         if backend == "torch":
-            eng: BaseEngine = engine_mod.load(copy.deepcopy(self.model), backend="torch", device=self.device,
-                                              precision=precision, **options)
-        elif backend == "onnxruntime":
-            eng = engine_mod.load(self.onnx(precision), backend="onnxruntime", device=self.device, cuda_graph=cuda_graph, **options)
-            return eng
-        elif backend == "aoti":
+            return self.model
+        if backend == "onnxruntime":
+            return self.onnx(precision)
+        if backend == "aoti":
             from .build.aoti import build_aoti
 
             path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}.pt2"
             if not path.exists():
                 build_aoti(copy.deepcopy(self.model).cpu(), path, precision=precision, device=self.device.type,
                            batch=(1, max(2, min(8, self.max_batch)), max(2, self.max_batch)), progress=False)
-            eng = engine_mod.load(path, backend="aoti", device=self.device, **options)
-        elif backend == "tensorrt":
+            return path
+        if backend == "tensorrt":
             from .build import build_engine
 
             path = self.workdir / f"{self.model.name}.{precision}.engine"
             if not path.exists():
-                build_engine(self.onnx("fp32" if precision == "fp32" else precision), path, backend="tensorrt",
-                             precision=precision, batch=(1, min(8, self.max_batch), self.max_batch), progress=False)
-            eng = engine_mod.load(path, backend="tensorrt", device=self.device, **options)
-        else:
-            raise ToolkitError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
-        if cuda_graph:
-            from .cudagraph import CudaGraphEngine
+                build_engine(self.onnx(precision), path, backend="tensorrt", precision=precision,
+                             batch=(1, min(8, self.max_batch), self.max_batch), progress=False)
+            return path
+        raise ToolkitError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
 
-            eng = CudaGraphEngine(eng)
-        return eng
+    def engine(self, backend: str, precision: str, cuda_graph: bool) -> BaseEngine:
+        from . import engine as engine_mod
+
+        key = (backend, precision, cuda_graph)
+        if key not in self._engines:
+            source = self.artifact(backend, precision)
+            options: dict[str, Any] = {"check_values": False, "cuda_graph": cuda_graph}
+            if backend == "torch":
+                source, options["precision"] = copy.deepcopy(source), precision
+            self._engines[key] = engine_mod.load(source, backend=backend, device=self.device, **options)
+        return self._engines[key]
+
+    def release(self) -> None:
+        self._engines.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _runnable(backend: str, device: torch.device, cuda_graph: bool) -> str | None:
@@ -232,9 +244,12 @@ def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_gra
     """Why a configuration fails against the fp32 ONNX Runtime reference of the check model, or None if it passes."""
     from .comparison import compare
 
-    ref = artifacts.engine("onnxruntime", "fp32", False, 1)
-    candidate = artifacts.engine(backend, precision, cuda_graph, 1)
-    report = compare(ref, candidate)
+    ref = artifacts.engine("onnxruntime", "fp32", False)
+    candidate = artifacts.engine(backend, precision, cuda_graph)
+    try:
+        report = compare(ref, candidate)
+    finally:
+        artifacts.release()
     return None if report.ok else report.summary().splitlines()[0]
 
 
@@ -254,12 +269,14 @@ def bench(
     workdir: str | Path | None = None,
     json_path: str | Path | None = None,
     plot_path: str | Path | None = None,
+    profile: bool = False,
     progress: bool = True,
 ) -> BenchReport:
     """Benchmark ``model`` (anything :func:`toolkit.models.load_model` takes) on every runnable configuration.
 
     ``check_model``: a model with meaningful (trained) weights on which each configuration must pass
     ``compare`` against fp32 ONNX Runtime before its timings are reported; None skips the check (noted).
+    ``profile`` (CUDA): after timing, profile each measured row (top kernels, GPU-idle share) into ``profiles``.
     """
     from tqdm import tqdm
 
@@ -287,18 +304,31 @@ def bench(
                 failure = f"check failed to run: {e}"
             if failure:
                 status, reason = "refused", f"accuracy check against fp32 ONNX Runtime failed: {failure}"
+        build_s = None
+        if status == "ok":
+            try:
+                start = time.perf_counter()
+                artifacts.artifact(backend, precision)  # export / compile / build: not part of the first call
+                build_s = time.perf_counter() - start
+            except (ToolkitError, RuntimeError) as e:
+                status, reason = "failed", f"build failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         for batch in batches:
             bar.set_postfix_str(f"{backend} {precision}{' graph' if graph else ''} b{batch}")
-            row = BenchRow(backend, precision, graph, batch, str(dev), status=status, reason=reason or "", end_to_end=end_to_end)
+            row = BenchRow(backend, precision, graph, batch, str(dev), status=status, reason=reason or "", end_to_end=end_to_end,
+                           build_s=build_s)
             if status == "ok":
-                _measure(row, artifacts, deploy, dev, warmup, iters)
+                measured = _measure(row, artifacts, deploy, dev, warmup, iters)
+                if profile and measured is not None and dev.type == "cuda":
+                    from .profiling import profile_call
+
+                    report.profiles.append({"config": row.label, "batch": batch, **profile_call(measured, dev)})
             report.rows.append(row)
             bar.update()
-        if backend == "torch" and precision == "fp32" and not graph and report.binder_overhead_us is None:
-            eng = artifacts.engine("torch", "fp32", False, 1)
+        if backend == "torch" and precision == "fp32" and not graph and status == "ok" and report.binder_overhead_us is None:
             feeds = _inputs(deploy, 1, dev)
             feeds[INPUT_SIZES] = feeds[INPUT_SIZES].to(torch.int64)
-            report.binder_overhead_us = binder_overhead_us(eng, feeds)
+            report.binder_overhead_us = binder_overhead_us(artifacts.engine("torch", "fp32", False), feeds)
+        artifacts.release()
     bar.close()
     if json_path is not None:
         write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
@@ -307,14 +337,15 @@ def bench(
     return report
 
 
-def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device, warmup: int, iters: int) -> None:
-    engine = None
+def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device, warmup: int, iters: int) -> Callable[[], Any] | None:
+    """Time one row and return its (warm) call, or None if it failed; ``first_call_s`` is the load (on a
+    configuration's first batch size) plus the first call at this batch size (graph capture, lazy initialisation)."""
     try:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         start = time.perf_counter()
-        engine = artifacts.engine(row.backend, row.precision, row.cuda_graph, row.batch)
+        engine = artifacts.engine(row.backend, row.precision, row.cuda_graph)
         feeds = _inputs(model, row.batch, dev)
         call = _end_to_end_call(engine, model, row.batch, dev) if row.end_to_end else functools.partial(engine.infer, feeds)
         call()
@@ -328,13 +359,10 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         row.images_per_s = row.batch * 1e3 / row.median_ms
         if dev.type == "cuda":
             row.peak_torch_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        return call
     except (ToolkitError, RuntimeError) as e:
         row.status, row.reason = "failed", f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    finally:
-        del engine
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        return None
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -349,8 +377,9 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             continue
         base = ort.get((r["precision"], r["batch"]))
         ratio = f"{base / r['median_ms']:.2f}x" if base else ""
+        built = f"build {r['build_s']:.0f} s, " if r.get("build_s") and r["build_s"] >= 1 else ""
         out.append([label, str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                    f"{r['images_per_s']:.0f}", ratio, f"first call {r['first_call_s']:.1f} s"])
+                    f"{r['images_per_s']:.0f}", ratio, f"{built}first call {r['first_call_s']:.1f} s"])
     return out
 
 

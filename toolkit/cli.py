@@ -168,19 +168,19 @@ def validate(
 
 @app.command()
 def build(
-    onnx: Path = typer.Argument(..., help="ONNX file (from 'rtdetr-deploy export')."),
+    onnx: Optional[Path] = typer.Argument(None, help="ONNX file (from 'rtdetr-deploy export'); optional with --model."),
     output: Path = typer.Option(Path("model.engine"), "--output", "-o", help="Engine file to write (a .json sidecar goes beside it)."),
-    backend: str = typer.Option("tensorrt", help="tensorrt or tensorrt-rtx."),
+    backend: str = typer.Option("tensorrt", help="tensorrt, tensorrt-rtx, or a backend that compiles the model: aoti."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (checked in the built engine; TensorRT 11/RTX need an fp16 ONNX)."),
     batch: str = typer.Option("1,1,8", help="MIN,OPT,MAX of the dynamic batch dim."),
-    workspace: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
-    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file to read and update."),
+    workspace: Optional[float] = typer.Option(None, help="TensorRT: workspace memory pool limit in GiB."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT: timing cache file to read and update."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse an identical engine from ~/.cache/rtdetr-deploy/engines."),
-    model: Optional[str] = typer.Option(None, "--model", help="aoti only: checkpoint or config name to compile (AOTInductor builds from the model)."),
-    device: Optional[str] = typer.Option(None, help="aoti only: cpu or cuda (default: the GPU if present)."),
+    model: Optional[str] = typer.Option(None, "--model", help="aoti: checkpoint or config to compile (default: the model the ONNX was exported from)."),
+    device: Optional[str] = typer.Option(None, help="aoti: cpu or cuda (default: the GPU if present)."),
 ) -> None:
-    """Build a TensorRT / TensorRT-RTX engine, or an AOTInductor .pt2 (--backend aoti --model ...), and its sidecar."""
-    from .build import build_engine
+    """Build a TensorRT / TensorRT-RTX engine from an ONNX file, or an AOTInductor .pt2 (from the ONNX's model or --model)."""
+    from .build import MODEL_BUILDERS, build_engine, build_from_model
     from .errors import InputError
 
     try:
@@ -189,20 +189,18 @@ def build(
         parts = ()
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
-    if backend == "aoti":
-        import torch
-
-        from .build.aoti import build_from_model
-
-        if model is None:
-            raise InputError("--backend aoti compiles the torch model, and the ONNX file cannot give back its weights: "
-                             "add --model CHECKPOINT_OR_CONFIG")
+    if model is not None:
+        if backend not in MODEL_BUILDERS:
+            raise InputError(f"--model is for backends that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
+                             f"{backend} builds from the ONNX file")
         source, config = (model, None) if Path(model).exists() else (None, model)
-        result = build_from_model(source, output, config=config, precision=precision, batch=parts,
-                                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result = build_from_model(source, output, backend=backend, config=config, precision=precision, batch=parts,
+                                  device=device, cache=cache)
+    elif onnx is None:
+        raise InputError("give the ONNX file to build (or --model for a backend that compiles the torch model)")
     else:
         result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
-                              timing_cache=timing_cache, cache=cache)
+                              timing_cache=timing_cache, cache=cache, device=device)
     for note in result.warnings:
         console.print(f"[yellow]note:[/yellow] {note}")
     _print_signature(result.signature)
@@ -226,6 +224,7 @@ def bench(
     workdir: Optional[Path] = typer.Option(None, help="Where built artifacts go (reused between runs)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     plot: Optional[Path] = typer.Option(None, help="Write latency/throughput curves as PNG."),
+    profile: bool = typer.Option(False, "--profile", help="CUDA: profile each measured row (top kernels, GPU-idle share) into the JSON."),
 ) -> None:
     """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
     from .bench import TABLE_HEADER, bench as run_bench, table_rows
@@ -233,7 +232,8 @@ def bench(
     graphs = {"off": (False,), "on": (True,), "both": (False, True)}[cuda_graphs]
     report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
-                       check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot)
+                       check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
+                       profile=profile)
     table = Table(title=f"bench on {report.environment.get('gpu', report.environment['device'])}")
     for col in TABLE_HEADER:
         table.add_column(col)
@@ -242,6 +242,10 @@ def bench(
     console.print(table)
     if report.binder_overhead_us is not None:
         console.print(f"binder overhead per call: {report.binder_overhead_us:.1f} us (median)")
+    for p in report.profiles:
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in list(p["by_kind_ms"].items())[:3])
+        console.print(f"profile {p['config']} b{p['batch']}: kernels {p['kernel_ms_per_call']:.2f} ms of {p['wall_ms_per_call']:.2f} ms "
+                      f"wall (GPU idle {p['gpu_idle_share']:.0%}, {p['kernel_launches_per_call']} launches); {kinds}")
     for note in report.notes:
         console.print(f"note: {note}")
 

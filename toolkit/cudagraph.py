@@ -38,6 +38,9 @@ class CudaGraphEngine(BaseEngine):
             raise EngineError(f"CUDA graphs need a CUDA engine; this {engine.backend} engine runs on {engine.device}")
         if engine.backend == "onnxruntime":
             raise EngineError("ONNX Runtime captures its own graphs: toolkit.load(path, device='cuda', cuda_graph=True)")
+        if engine.backend == "aoti" and not getattr(engine, "run_single_threaded", False):
+            raise EngineError("the AOTInductor runner's thread synchronization cannot be captured: load the package "
+                              "with toolkit.load(path, device='cuda', cuda_graph=True) (run_single_threaded=True)")
         binder = engine.binder
         super().__init__(engine.signature, engine.device, class_names=engine.class_names, cast=binder.cast,
                          copy_to_device=binder.copy_to_device, check_values=binder.check_values)

@@ -20,8 +20,9 @@ from .errors import EngineError
 from .signature import Signature
 
 # backend name -> module in toolkit.backends exposing ``load(source, device, **options) -> Engine``
-BACKENDS = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "aoti": "aoti"}
-_SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti"}
+BACKENDS = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "aoti": "aoti",
+            "torch-tensorrt": "torch_tensorrt"}
+_SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
 
 
 @runtime_checkable
@@ -110,7 +111,9 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
 
     ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), an
     ``nn.Module``, checkpoint or config name (eager torch). ``options`` go to the backend and the binder
-    (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file).
+    (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
+    replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.cudagraph.CudaGraphEngine`
+    for the others).
     """
     backend = backend or detect_backend(source)
     if backend not in BACKENDS:
@@ -122,4 +125,12 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
         if p.suffix.lower() in _SUFFIXES and _SUFFIXES[p.suffix.lower()] != backend and backend != "torch":
             raise EngineError(f"{p} is a {_SUFFIXES[p.suffix.lower()]} file; it cannot be loaded by the {backend} backend")
     module = import_module(f".backends.{BACKENDS[backend]}", __package__)
-    return module.load(source, device=torch.device(device) if device is not None else None, **options)
+    graph = backend != "onnxruntime" and bool(options.pop("cuda_graph", False))  # ONNX Runtime captures its own
+    if graph and backend == "aoti":
+        options["run_single_threaded"] = True  # the default AOTI runner synchronizes in ways stream capture refuses
+    engine = module.load(source, device=torch.device(device) if device is not None else None, **options)
+    if graph:
+        from .cudagraph import CudaGraphEngine
+
+        engine = CudaGraphEngine(engine)
+    return engine

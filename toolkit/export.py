@@ -21,7 +21,7 @@ from . import __version__
 from .atomic import atomic_path, check_output_path
 from .contract import PRECISIONS, DeployModel, ReducedPrecision
 from .errors import ExportError
-from .models import load_model
+from .models import load_model, weights_sha256
 from .signature import CONTRACT_VERSION, INPUT_IMAGES, INPUT_SIZES, OUTPUTS, Signature, from_onnx
 from .verify import VerifyReport, verify_onnx
 
@@ -45,6 +45,16 @@ def _resize_model(model: DeployModel, size: tuple[int, int]) -> DeployModel:
         inner.config.anchor_image_size = list(size)
         inner.anchors, inner.valid_mask = inner.generate_anchors(dtype=torch.float32)
     return model
+
+
+def _source_metadata(model: Any, config: str | None) -> dict[str, str]:
+    """Where the model came from, so that builders that compile the torch model (AOTInductor) can start from
+    the ONNX file: a checkpoint path or a config name; nothing for an in-memory module."""
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        source = str(path.resolve()) if path.exists() else str(model)
+        return {"source": source, **({"source_config": str(config)} if config is not None else {})}
+    return {}
 
 
 def lint(onnx_model: Any, signature: Signature) -> list[str]:
@@ -120,7 +130,7 @@ def export_onnx(
             "toolkit_version": __version__, "contract_version": CONTRACT_VERSION, "config_name": deploy.name,
             "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
-            "precision": precision,
+            "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
         }
         del onnx_model.metadata_props[:]
         for k, v in meta.items():

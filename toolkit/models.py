@@ -255,3 +255,15 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
     if config is None:
         raise ConfigError(f"{path}: a weights file needs --config NAME; known configs: {', '.join(available_configs())}")
     return load_weights(build_model(config), path, state)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over a model's state dict (names and raw bytes): identifies the weights an artifact was made from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if t.numel():
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

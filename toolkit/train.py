@@ -2,6 +2,7 @@
 
     python -m toolkit.train --config shapes --out DIR --seconds 480 --seed 0
     python -m toolkit.train --resume DIR --seconds 300          # a second chunk, same schedule
+    python -m toolkit.train --init toolkit/fixtures/shapes --data-start 72320 --out DIR   # warm restart
 
 Uses transformers' RT-DETR and its own loss (``labels=[{"class_labels", "boxes" (normalized cxcywh)}]``),
 AdamW, linear warm-up then a cosine schedule over *training seconds* (``--schedule-seconds``, by default
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .models import ModelConfig, build_model, load_config, save_model
+from .models import ModelConfig, build_model, load_config, load_model, save_model
 
 CHECKPOINT = "checkpoint.pt"
 RECORD = "train_record.json"
@@ -141,8 +142,14 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
           schedule_seconds: float | None = None, checkpoint_every: float = 60, reserve: float = 45, workers: int | None = None,
           device: str | torch.device | None = None, resume: str | Path | None = None, max_steps: int | None = None,
           eval_images: int = 300, log_every: int = 10, grad_clip: float = 0.1, data_size: int | None = None,
+          init: str | Path | None = None, data_start: int | None = None,
           command: str | None = None, progress: bool = True) -> TrainResult:
-    """Train until ``seconds`` of wall time (from this call) minus ``reserve`` or ``max_steps``; see the module doc."""
+    """Train until ``seconds`` of wall time (from this call) minus ``reserve`` or ``max_steps``; see the module doc.
+
+    ``init``: start from the weights of a trained model directory (a warm restart: fresh optimizer and
+    schedule), e.g. the shipped fixture; ``data_start``: index of the first training image (to continue the
+    data stream of an earlier run instead of repeating it).
+    """
     from tqdm import tqdm
 
     from .data.shapes import ShapesDataset, collate
@@ -161,6 +168,8 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     deploy = build_model(cfg, seed=seed)
+    if init is not None:
+        deploy.model.load_state_dict(load_model(init).model.state_dict())
     model = deploy.model.to(dev).train()
     inner = getattr(model, "model", None)
     if getattr(inner, "anchors", None) is not None:  # plain attributes, not buffers: .to() leaves them on the CPU
@@ -179,7 +188,7 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     if workers is None:
         workers = min(14, max(0, (os.cpu_count() or 1) - 2)) if dev.type == "cuda" else 0
     dataset = ShapesDataset(10**9, seed=seed, size=(h, w), split="train", class_names=cfg.class_names)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=range(step * batch_size, 10**9),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=range(step * batch_size if data_start is None else data_start, 10**9),
                                          num_workers=workers, collate_fn=collate, pin_memory=dev.type == "cuda",
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -192,7 +201,8 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     run = {"command": command or " ".join(map(shlex.quote, [sys.executable, "-m", "toolkit.train", *sys.argv[1:]])),
            "seed": seed, "device": _gpu_name(dev), "torch": str(torch.__version__), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "startup_seconds": round(loop_start - t0, 2), "step_start": step, "batch_size": batch_size, "lr": lr,
-           "workers": workers, "resumed_from": str(resume) if resume else None}
+           "workers": workers, "resumed_from": str(resume) if resume else None, "init_from": str(init) if init else None,
+           "data_start": step * batch_size if data_start is None else data_start}
     try:
         import transformers
 
@@ -256,8 +266,6 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     model.eval()
     model_dir = save_shipped(deploy, out / "model")
     size_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6
-    from .models import load_model
-
     shipped = load_model(str(model_dir))  # what users get: fp16-stored weights, loaded as fp32
     evaluation = None
     if eval_images:
@@ -295,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--resume", default=None, help="continue the run in this directory")
+    p.add_argument("--init", default=None, help="start from this trained model directory (fresh optimizer and schedule)")
+    p.add_argument("--data-start", type=int, default=None, help="index of the first training image (default: 0, or where --resume left off)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--eval-images", type=int, default=300)
     p.add_argument("--data-size", type=int, default=None, help="square image size (default: the config's input size)")
@@ -306,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     res = train(a.config, out, seconds=a.seconds, seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                 schedule_seconds=a.schedule_seconds, checkpoint_every=a.checkpoint_every, reserve=a.reserve, workers=a.workers,
                 device=a.device, resume=a.resume, max_steps=a.max_steps, eval_images=a.eval_images, data_size=a.data_size, log_every=a.log_every,
+                init=a.init, data_start=a.data_start,
                 command=cmd, progress=not a.no_progress)
     ev = res.record.get("eval") or {}
     print(f"{res.steps} steps, {res.trained_seconds:.0f} s trained; model {res.model_dir} ({res.record['weights_mb']} MB)"

@@ -130,7 +130,7 @@ def _build(name: str, model: Any, onnx_path: Path, workdir: Path, trt_module: An
     """(engine, "") or (None, why it is skipped): TensorRT from the ONNX file, AOTInductor from the model."""
     try:
         if name == "aoti":
-            from .build.aoti import build_from_model
+            from .build import build_from_model
 
             built = build_from_model(model, workdir / "model.pt2")
             return load(built.path, backend="aoti"), ""

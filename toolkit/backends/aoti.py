@@ -8,6 +8,8 @@ Streams (CUDA): the compiled model runs on the torch stream current on the engin
 time, so outputs are valid in the order of the caller's stream, like any torch op.
 
 Threads: the AOTInductor model container serializes concurrent calls on its runner; calls are safe.
+``run_single_threaded=True`` (what ``toolkit.load(..., cuda_graph=True)`` asks for) drops that
+synchronization, which CUDA stream capture refuses; such an engine must be called from one thread.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def _check_device(path: Path, meta: dict[str, Any], device: torch.device) -> tor
 class AotiEngine(BaseEngine):
     backend = "aoti"
 
-    def __init__(self, path: str | Path, device: torch.device | None = None, *, tf32: bool = False, **options: Any) -> None:
+    def __init__(self, path: str | Path, device: torch.device | None = None, *, tf32: bool = False,
+                 run_single_threaded: bool = False, **options: Any) -> None:
         self.tf32 = tf32
+        self.run_single_threaded = run_single_threaded
         path = Path(path)
         meta = read_sidecar(path)
         if meta.get("backend") != "aoti":
@@ -61,7 +65,8 @@ class AotiEngine(BaseEngine):
             raise EngineError(f"{path}: its sidecar has no valid signature ({e.__class__.__name__}: {e}); rebuild the package") from None
         device = _check_device(path, meta, device or torch.device(meta.get("device") or "cpu"))
         try:
-            self.runner = torch._inductor.aoti_load_package(str(path), device_index=device.index if device.type == "cuda" else -1)
+            self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
+                                                            device_index=device.index if device.type == "cuda" else -1)
         except Exception as e:
             raise EngineError(f"{path}: AOTInductor cannot load it ({e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0]}); "
                               f"it was built with torch {meta.get('torch_version', '?')}, this is torch {torch.__version__}. "

@@ -33,6 +33,8 @@ from ..signature import Signature
 
 # backend name -> module in toolkit.build
 BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt", "aoti": "aoti"}
+# backends that compile the torch model rather than the ONNX graph: backend -> (module, function(model, output, **options) -> Path)
+MODEL_BUILDERS = {"aoti": ("aoti", "build_aoti")}
 PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_ENV = "RTDETR_DEPLOY_CACHE"
 
@@ -71,6 +73,61 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def build_from_model(model: Any, output: str | Path, *, backend: str = "aoti", device: str | None = None,
+                     **options: Any) -> BuildResult:
+    """Build for a backend that compiles the torch model (:data:`MODEL_BUILDERS`) from anything
+    :func:`toolkit.models.load_model` accepts; ``options`` go to the backend's builder (precision, batch,
+    progress, cache, config...). ``device``: default the GPU if present."""
+    if backend not in MODEL_BUILDERS:
+        raise BuildError(f"backend {backend!r} builds from an ONNX file (toolkit.build.build_engine); "
+                         f"builds from a model: {', '.join(MODEL_BUILDERS)}")
+    import torch
+
+    module_name, function = MODEL_BUILDERS[backend]
+    builder = getattr(import_module(f".{module_name}", __name__), function)
+    start = time.perf_counter()
+    path = builder(model, output, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **options)
+    meta = read_sidecar(path)
+    return BuildResult(path, sidecar_path(path), Signature.from_dict(meta["signature"]), backend, meta["precision"],
+                       seconds=time.perf_counter() - start, metadata=meta)
+
+
+def model_for_onnx(onnx_path: str | Path) -> Any:
+    """The torch model an exported ONNX file came from, for builders that compile the model (AOTInductor).
+
+    The export records the source (checkpoint path or config name) and a sha256 of the weights; the model is
+    loaded from there and used only if its weights are still the ones exported, else a clear error.
+    """
+    import onnx
+
+    from ..errors import ToolkitError
+    from ..models import load_model, weights_sha256
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    except Exception as e:
+        raise BuildError(f"{onnx_path}: not a readable ONNX file ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    hint = "give the model instead: rtdetr-deploy build --backend aoti --model CHECKPOINT -o model.pt2"
+    source = meta.get("source")
+    if not source:
+        raise BuildError(f"{onnx_path} does not name the model it was exported from (exported from an in-memory module, "
+                         f"or by another tool); {hint}")
+    try:
+        deploy = load_model(source, config=meta.get("source_config"))
+    except (ToolkitError, OSError) as e:
+        raise BuildError(f"{onnx_path} was exported from {source}, which cannot be loaded here ({e}); {hint}") from None
+    size = tuple(json.loads(meta.get("input_size", "null")) or deploy.preprocess.size)
+    if size != tuple(deploy.preprocess.size):
+        from ..export import _resize_model
+
+        deploy = _resize_model(deploy, size)  # type: ignore[arg-type]
+    if meta.get("weights_sha256") != weights_sha256(deploy):
+        why = ("a config name gives new random weights each time" if not Path(source).exists()
+               else "the checkpoint changed since the export")
+        raise BuildError(f"{onnx_path} was exported from {source}, but the weights there are not the exported ones ({why}); {hint}")
+    return deploy
+
+
 def _copy(src: Path, dst: Path) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
@@ -88,11 +145,14 @@ def build_engine(
     trt_module: Any = None,
     progress: bool = True,
     cache: bool = True,
+    device: str | None = None,
 ) -> BuildResult:
     """Build ``onnx_path`` into ``output`` (+ ``output.json`` sidecar) for ``backend``; reuse a cached engine when possible.
 
     ``batch``: (min, opt, max) of the optimization profile for a symbolic batch dim. ``precision``: fp32, fp16 or
     bf16, checked against the built engine (a precision that is not delivered is an error, never a fallback).
+    Backends in :data:`MODEL_BUILDERS` compile the model the ONNX was exported from (:func:`model_for_onnx`),
+    on ``device`` (default: the GPU if present).
     """
     from .. import __version__
 
@@ -109,6 +169,11 @@ def build_engine(
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: no such ONNX file")
     output = check_output_path(output)
+    if backend in MODEL_BUILDERS:
+        if workspace_gib is not None or timing_cache is not None:
+            raise BuildError(f"workspace and timing cache are TensorRT build options; the {backend} backend takes neither")
+        return build_from_model(model_for_onnx(onnx_path), output, backend=backend, precision=precision, batch=batch,
+                                device=device, progress=progress, cache=cache)
     module = import_module(f".{BUILDERS[backend]}", __name__)
     options = {"trt_module": trt_module} if trt_module is not None else {}
     start = time.perf_counter()
@@ -137,4 +202,4 @@ def build_engine(
     return result
 
 
-__all__ = ["BUILDERS", "BuildError", "BuildResult", "build_engine", "cache_dir"]
+__all__ = ["BUILDERS", "MODEL_BUILDERS", "BuildError", "BuildResult", "build_engine", "build_from_model", "cache_dir", "model_for_onnx"]

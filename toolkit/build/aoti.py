@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,10 +37,10 @@ from torch import nn
 from ..atomic import check_output_path
 from ..contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..errors import ExportError
-from ..models import load_model
+from ..models import load_model, weights_sha256
 from ..numerics import tf32
-from ..sidecar import read_sidecar, sidecar_path, write_sidecar
-from ..signature import CONTRACT_VERSION, Signature
+from ..sidecar import sidecar_path, write_sidecar
+from ..signature import CONTRACT_VERSION
 from . import BuildError, BuildResult, _copy, cache_dir
 
 DEVICES = ("cpu", "cuda")
@@ -215,29 +214,11 @@ def _cache_key(deploy: DeployModel, precision: str, batch: tuple[int, int, int],
 
     from .. import __version__
 
-    h = hashlib.sha256()
-    for name, t in sorted(deploy.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h = hashlib.sha256(weights_sha256(deploy).encode())
     gpu = "{}.{}".format(*torch.cuda.get_device_capability()) if device == "cuda" and torch.cuda.is_available() else ""
     h.update(json.dumps([deploy.signature().to_dict(), deploy.class_names, precision, batch, device, gpu, inductor,
                          torch.__version__, __version__], sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
-
-
-def build_from_model(model: Any, output: str | Path, backend: str = "aoti", **options: Any) -> BuildResult:
-    """Build for a backend that compiles from the torch model rather than from ONNX (AOTInductor).
-
-    ``options`` go to :func:`build_aoti` (precision, batch, device, progress, config, inductor_configs).
-    """
-    if backend != "aoti":
-        raise BuildError(f"backend {backend!r} builds from an ONNX file (toolkit.build.build_engine); "
-                         "builds from a model: aoti")
-    start = time.perf_counter()
-    path = build_aoti(model, output, **options)
-    meta = read_sidecar(path)
-    return BuildResult(path, sidecar_path(path), Signature.from_dict(meta["signature"]), "aoti", meta["precision"],
-                       seconds=time.perf_counter() - start, metadata=meta)
 
 
 def environment(backend: str, **options: Any) -> dict[str, Any]:
@@ -250,7 +231,7 @@ def environment(backend: str, **options: Any) -> dict[str, Any]:
 
 
 def build(onnx_path: str | Path, output: str | Path, **options: Any) -> BuildResult:
-    """The ONNX route of :func:`toolkit.build.build_engine`, which AOTInductor cannot take: it needs the model."""
-    raise BuildError(f"AOTInductor compiles the torch model, not {Path(onnx_path).name}: the ONNX file does not carry "
-                     "weights torch can recompile. Give the model: rtdetr-deploy build --backend aoti --model "
-                     "CHECKPOINT_OR_CONFIG -o model.pt2, or toolkit.build.aoti.build_from_model(model, 'model.pt2')")
+    """The ONNX route of :func:`toolkit.build.build_engine`: compile the model the ONNX was exported from."""
+    from . import build_from_model, model_for_onnx
+
+    return build_from_model(model_for_onnx(onnx_path), output, backend="aoti", **options)
