@@ -56,7 +56,8 @@ def test_build_without_the_library(tiny_model, tmp_path, no_torch_tensorrt):
 
 def test_build_refusals(tiny_model, tiny_onnx, tmp_path, monkeypatch):
     """Options are checked before the library is imported, the device right after it."""
-    from toolkit.build.torch_tensorrt import build, build_torch_tensorrt
+    from toolkit.build import build_engine
+    from toolkit.build.torch_tensorrt import build_torch_tensorrt
 
     with pytest.raises(BuildError, match="precision must be one of"):
         build_torch_tensorrt(tiny_model, tmp_path / "m.ep", precision="int8")
@@ -66,8 +67,8 @@ def test_build_refusals(tiny_model, tiny_onnx, tmp_path, monkeypatch):
         build_torch_tensorrt(tiny_model, tmp_path / "m.ep", min_block_size=0)
     with pytest.raises(BuildError, match=r"must end in \.ep"):
         build_torch_tensorrt(tiny_model, tmp_path / "m.pt2")
-    with pytest.raises(BuildError, match="--model"):  # the ONNX route cannot rebuild the model
-        build(tiny_onnx, tmp_path / "m.ep")
+    with pytest.raises(BuildError, match="--model"):  # exported from an in-memory module: no model to compile
+        build_engine(tiny_onnx, tmp_path / "m.ep", backend="torch-tensorrt")
     monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))  # imports; never called
     with pytest.raises(BuildError, match="NVIDIA GPUs only: device must be 'cuda', got 'cpu'"):
         build_torch_tensorrt(tiny_model, tmp_path / "m.ep", device="cpu")

@@ -281,7 +281,7 @@ def bench(
     from tqdm import tqdm
 
     dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    deploy = load_model(model, config=config).eval()
+    deploy = load_model(model, config=config, seed=0).eval()  # a config name: the same random weights every run
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rtdetr-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     artifacts = _Artifacts(deploy, work, dev, max(batches))

@@ -1,7 +1,10 @@
 """Build deployable engines from a verified ONNX file, with an engine cache.
 
-:func:`build_engine` dispatches through :data:`BUILDERS` (backend -> module in :mod:`toolkit.build`). A
-builder module exposes two functions:
+:func:`build_engine` dispatches through :data:`BUILDERS` (backend -> module in :mod:`toolkit.build`) for
+builders that compile the ONNX graph (TensorRT, TensorRT-RTX), and through :data:`MODEL_BUILDERS` for those
+that compile the torch model (AOTInductor, Torch-TensorRT: :func:`build_from_model`; from an ONNX file, the
+model it was exported from, :func:`model_for_onnx`; they keep their own build cache). An ONNX builder module
+exposes two functions:
 
 * ``build(onnx_path, output, *, backend, precision, batch, workspace_gib, timing_cache, progress, **options) -> BuildResult``
   writes ``output`` and its sidecar atomically;
@@ -32,9 +35,9 @@ from ..sidecar import read_sidecar, sidecar_path
 from ..signature import Signature
 
 # backend name -> module in toolkit.build
-BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt", "aoti": "aoti"}
+BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt"}
 # backends that compile the torch model rather than the ONNX graph: backend -> (module, function(model, output, **options) -> Path)
-MODEL_BUILDERS = {"aoti": ("aoti", "build_aoti")}
+MODEL_BUILDERS = {"aoti": ("aoti", "build_aoti"), "torch-tensorrt": ("torch_tensorrt", "build_torch_tensorrt")}
 PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_ENV = "RTDETR_DEPLOY_CACHE"
 
@@ -107,7 +110,7 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
         meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     except Exception as e:
         raise BuildError(f"{onnx_path}: not a readable ONNX file ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    hint = "give the model instead: rtdetr-deploy build --backend aoti --model CHECKPOINT -o model.pt2"
+    hint = "give the model instead: rtdetr-deploy build --backend BACKEND --model CHECKPOINT -o OUTPUT"
     source = meta.get("source")
     if not source:
         raise BuildError(f"{onnx_path} does not name the model it was exported from (exported from an in-memory module, "
@@ -156,8 +159,8 @@ def build_engine(
     """
     from .. import __version__
 
-    if backend not in BUILDERS:
-        raise BuildError(f"unknown build backend {backend!r}; backends: {', '.join(BUILDERS)}")
+    if backend not in BUILDERS and backend not in MODEL_BUILDERS:
+        raise BuildError(f"unknown build backend {backend!r}; backends: {', '.join([*BUILDERS, *MODEL_BUILDERS])}")
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     batch = tuple(int(b) for b in batch)  # type: ignore[assignment]

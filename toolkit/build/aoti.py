@@ -41,7 +41,7 @@ from ..models import load_model, weights_sha256
 from ..numerics import tf32
 from ..sidecar import sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION
-from . import BuildError, BuildResult, _copy, cache_dir
+from . import BuildError, _copy, cache_dir
 
 DEVICES = ("cpu", "cuda")
 
@@ -219,19 +219,3 @@ def _cache_key(deploy: DeployModel, precision: str, batch: tuple[int, int, int],
     h.update(json.dumps([deploy.signature().to_dict(), deploy.class_names, precision, batch, device, gpu, inductor,
                          torch.__version__, __version__], sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
-
-
-def environment(backend: str, **options: Any) -> dict[str, Any]:
-    """What an AOTInductor package depends on: the torch that compiled it (and the GPU, for CUDA)."""
-    env: dict[str, Any] = {"library": "torch", "version": torch.__version__}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
-    return env
-
-
-def build(onnx_path: str | Path, output: str | Path, **options: Any) -> BuildResult:
-    """The ONNX route of :func:`toolkit.build.build_engine`: compile the model the ONNX was exported from."""
-    from . import build_from_model, model_for_onnx
-
-    return build_from_model(model_for_onnx(onnx_path), output, backend="aoti", **options)

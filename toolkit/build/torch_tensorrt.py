@@ -34,7 +34,7 @@ from ..contract import PRECISIONS, ReducedPrecision
 from ..models import load_model
 from ..sidecar import sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION
-from . import BuildError, BuildResult, _copy, cache_dir
+from . import BuildError, _copy, cache_dir
 from .aoti import _cache_key, _export
 
 SUFFIX = ".ep"
@@ -180,25 +180,3 @@ def build_torch_tensorrt(
         _copy(output, cached)
         _copy(sidecar_path(output), sidecar_path(cached))
     return output
-
-
-def environment(backend: str, **options: Any) -> dict[str, Any]:
-    """What a Torch-TensorRT program depends on: Torch-TensorRT, TensorRT, torch and the GPU (read without importing them)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ttrt_version: str | None = version("torch-tensorrt")
-    except PackageNotFoundError:
-        ttrt_version = None
-    env: dict[str, Any] = {"library": "torch_tensorrt", "version": ttrt_version, "torch_version": torch.__version__}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
-    return env
-
-
-def build(onnx_path: str | Path, output: str | Path, **options: Any) -> BuildResult:
-    """The ONNX route of :func:`toolkit.build.build_engine`, which Torch-TensorRT cannot take: it needs the model."""
-    raise BuildError(f"Torch-TensorRT compiles the torch model, not {Path(onnx_path).name}: the ONNX file does not carry "
-                     "a program torch can recompile. Give the model: rtdetr-deploy build --backend torch-tensorrt --model "
-                     f"CHECKPOINT_OR_CONFIG -o model{SUFFIX}, or toolkit.build.torch_tensorrt.build_torch_tensorrt(model, 'model{SUFFIX}')")
