@@ -9,6 +9,7 @@ import torch
 
 import toolkit
 from toolkit.bench import JSON_KEYS, bench, binder_overhead_us
+from toolkit.engine import BaseEngine
 
 
 def test_bench_writes_json_with_documented_keys_and_a_plot(tiny_model, tmp_path):
@@ -31,8 +32,8 @@ def test_bench_refuses_a_configuration_that_fails_its_accuracy_check(tiny_model,
     """A configuration whose boxes are wrong is refused, with the reason, and gets no timings."""
     import toolkit.bench as b
 
-    monkeypatch.setattr(b, "accuracy_check", lambda artifacts, backend, precision, graph:
-                        "every y coordinate is 0" if backend == "torch" else None)
+    monkeypatch.setattr(b, "accuracy_check", lambda artifacts, backend, precision, graph, images:
+                        ("every y coordinate is 0" if backend == "torch" else None, "checked"))
     report = bench(tiny_model, backends=("torch", "onnxruntime"), batches=(1,), warmup=0, iters=2, device="cpu",
                    check_model=tiny_model, workdir=tmp_path, progress=False)
     rows = {r.backend: r for r in report.rows}
@@ -40,11 +41,33 @@ def test_bench_refuses_a_configuration_that_fails_its_accuracy_check(tiny_model,
     assert rows["torch"].median_ms is None and rows["onnxruntime"].status == "ok"
 
 
-def test_accuracy_check_passes_for_a_faithful_backend(tiny_model, tmp_path):
+def test_accuracy_check_on_the_fixture_passes_a_faithful_backend_and_fails_shifted_boxes(tmp_path):
+    """The real check (compare, then COCO mAP against fp32 ONNX Runtime) on the trained fixture."""
     from toolkit.bench import _Artifacts, accuracy_check
+    from toolkit.demo import fixture_path
+    from toolkit.models import load_model
 
-    art = _Artifacts(tiny_model, tmp_path, torch.device("cpu"), 2)
-    assert accuracy_check(art, "torch", "fp32", False) is None
+    art = _Artifacts(load_model(fixture_path()), tmp_path, torch.device("cpu"), 2)
+    failure, done = accuracy_check(art, "torch", "fp32", False, images=24)
+    assert failure is None and "compare agrees; mAP" in done
+
+    faithful = art.engine("torch", "fp32", False)
+
+    class Shifted(BaseEngine):  # boxes 5 px to the right: the kind of bug a fast path must never hide
+        backend = "torch"
+
+        def __init__(self, inner):
+            super().__init__(inner.signature, inner.device, class_names=inner.class_names)
+            self.inner = inner
+
+        def _run(self, bound):
+            out = dict(self.inner._run(bound))
+            out["boxes"] = out["boxes"] + torch.tensor([5.0, 0.0, 5.0, 0.0])
+            return out
+
+    art._engines[("torch", "fp32", False)] = Shifted(faithful)
+    failure, done = accuracy_check(art, "torch", "fp32", False, images=24)
+    assert failure and done == "compare failed"
 
 
 def test_binder_microbenchmark_runs(tiny_onnx):

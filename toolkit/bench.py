@@ -29,7 +29,7 @@ from .signature import INPUT_IMAGES, INPUT_SIZES
 
 BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
 JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
-             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end")
+             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class BenchRow:
     device: str
     status: str = "ok"  # ok | skipped (not runnable here) | refused (failed its accuracy check) | failed
     reason: str = ""
+    check: str = ""  # what the accuracy check found (compare verdict, mAP against fp32 ONNX Runtime)
     median_ms: float | None = None
     p90_ms: float | None = None
     p99_ms: float | None = None
@@ -240,17 +241,26 @@ def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.d
     return call
 
 
-def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool) -> str | None:
-    """Why a configuration fails against the fp32 ONNX Runtime reference of the check model, or None if it passes."""
+def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool, images: int = 100) -> tuple[str | None, str]:
+    """(why the configuration fails, None if it passes; what was checked) against the fp32 ONNX Runtime reference of the
+    check model: ``compare`` detection by detection, then COCO mAP on ``images`` synthetic images within 0.5 points."""
     from .comparison import compare
+    from .evaluate import evaluate
 
     ref = artifacts.engine("onnxruntime", "fp32", False)
     candidate = artifacts.engine(backend, precision, cuda_graph)
     try:
         report = compare(ref, candidate)
+        if not report.ok:
+            return report.summary().splitlines()[0], "compare failed"
+        if not images:
+            return None, "compare agrees"
+        ev = evaluate({"reference": ref, "candidate": candidate}, synthetic=images, tolerance=0.5)
     finally:
         artifacts.release()
-    return None if report.ok else report.summary().splitlines()[0]
+    maps = {r.backend: r.mAP for r in ev.rows}
+    done = f"compare agrees; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} (fp32 ONNX Runtime) on {images} images"
+    return (None if ev.agree else ev.message), done
 
 
 def bench(
@@ -270,12 +280,14 @@ def bench(
     json_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     profile: bool = False,
+    check_images: int = 100,
     progress: bool = True,
 ) -> BenchReport:
     """Benchmark ``model`` (anything :func:`toolkit.models.load_model` takes) on every runnable configuration.
 
     ``check_model``: a model with meaningful (trained) weights on which each configuration must pass
-    ``compare`` against fp32 ONNX Runtime before its timings are reported; None skips the check (noted).
+    ``compare`` against fp32 ONNX Runtime, and keep its COCO mAP on ``check_images`` synthetic images within
+    0.5 points of it, before its timings are reported; None skips the check (noted).
     ``profile`` (CUDA): after timing, profile each measured row (top kernels, GPU-idle share) into ``profiles``.
     """
     from tqdm import tqdm
@@ -297,13 +309,14 @@ def bench(
     for backend, precision, graph in configs:
         reason = _runnable(backend, dev, graph)
         status = "skipped" if reason else "ok"
+        check = ""
         if status == "ok" and checker is not None:
             try:
-                failure = accuracy_check(checker, backend, precision, graph)
-            except ToolkitError as e:
-                failure = f"check failed to run: {e}"
-            if failure:
-                status, reason = "refused", f"accuracy check against fp32 ONNX Runtime failed: {failure}"
+                failure, check = accuracy_check(checker, backend, precision, graph, check_images)
+                if failure:
+                    status, reason = "refused", f"accuracy check against fp32 ONNX Runtime failed: {failure}"
+            except ToolkitError as e:  # the configuration cannot run at all (e.g. not capturable in a CUDA graph)
+                status, reason = "failed", str(e).splitlines()[0]
         build_s = None
         if status == "ok":
             try:
@@ -315,7 +328,7 @@ def bench(
         for batch in batches:
             bar.set_postfix_str(f"{backend} {precision}{' graph' if graph else ''} b{batch}")
             row = BenchRow(backend, precision, graph, batch, str(dev), status=status, reason=reason or "", end_to_end=end_to_end,
-                           build_s=build_s)
+                           build_s=build_s, check=check)
             if status == "ok":
                 measured = _measure(row, artifacts, deploy, dev, warmup, iters)
                 if profile and measured is not None and dev.type == "cuda":
@@ -329,9 +342,9 @@ def bench(
             feeds[INPUT_SIZES] = feeds[INPUT_SIZES].to(torch.int64)
             report.binder_overhead_us = binder_overhead_us(artifacts.engine("torch", "fp32", False), feeds)
         artifacts.release()
+        if json_path is not None:  # after every configuration: a long run that is cut short keeps what it measured
+            write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     bar.close()
-    if json_path is not None:
-        write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     if plot_path is not None:
         plot_bench(report.to_dict(), plot_path)
     return report

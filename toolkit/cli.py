@@ -225,6 +225,7 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     plot: Optional[Path] = typer.Option(None, help="Write latency/throughput curves as PNG."),
     profile: bool = typer.Option(False, "--profile", help="CUDA: profile each measured row (top kernels, GPU-idle share) into the JSON."),
+    check_images: int = typer.Option(100, help="Synthetic images for the COCO mAP part of the accuracy check (0: compare only)."),
 ) -> None:
     """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
     from .bench import TABLE_HEADER, bench as run_bench, table_rows
@@ -233,7 +234,7 @@ def bench(
     report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
                        check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
-                       profile=profile)
+                       profile=profile, check_images=check_images)
     table = Table(title=f"bench on {report.environment.get('gpu', report.environment['device'])}")
     for col in TABLE_HEADER:
         table.add_column(col)

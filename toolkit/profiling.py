@@ -12,10 +12,14 @@ from typing import Any, Callable
 
 import torch
 
-# substrings of kernel names -> kind, first match wins (cuBLAS/CUTLASS GEMMs, cuDNN convolutions, Triton-generated code)
-_KINDS = (("gemm", "matmul (GEMM)"), ("sm90_xmma", "matmul (GEMM)"), ("cutlass", "matmul (GEMM)"), ("conv", "convolution"),
-          ("cudnn", "convolution"), ("triton", "Triton fused kernels"), ("memcpy", "memory copies"), ("memset", "memory copies"),
-          ("reduce", "reductions"), ("sort", "sort / top-K"), ("topk", "sort / top-K"), ("grid_sampler", "grid sample"))
+# substrings of kernel names -> kind, first match wins (cuDNN layout transposes and convolutions before GEMMs: cuDNN's
+# implicit-GEMM convolutions have 'gemm' in their names; nvjet is cuBLAS's Hopper GEMM family)
+_KINDS = (("nchwtonhwc", "layout transposes (NCHW<->NHWC)"), ("nhwctonchw", "layout transposes (NCHW<->NHWC)"),
+          ("grid_sampler", "deformable attention (grid sample)"), ("sdpa", "attention"), ("flash", "attention"),
+          ("conv", "convolution"), ("winograd", "convolution"), ("fprop_implicit_gemm", "convolution"),
+          ("nvjet", "matmul (GEMM)"), ("gemm", "matmul (GEMM)"), ("cutlass", "matmul (GEMM)"), ("xmma", "matmul (GEMM)"),
+          ("triton", "Triton fused kernels"), ("memcpy", "memory copies"), ("memset", "memory copies"),
+          ("reduce", "reductions"), ("sort", "sort / top-K"), ("topk", "sort / top-K"))
 
 
 def kernel_kind(name: str) -> str:

@@ -64,6 +64,10 @@ class AotiEngine(BaseEngine):
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{path}: its sidecar has no valid signature ({e.__class__.__name__}: {e}); rebuild the package") from None
         device = _check_device(path, meta, device or torch.device(meta.get("device") or "cpu"))
+        if device.type == "cuda":
+            # a CUDA context must exist before the loader runs: on torch 2.11 (H100) aoti_load_package segfaulted
+            # in fresh processes whose first CUDA work it was, and never once a tensor had been put on the GPU
+            torch.empty(1, device=device)
         try:
             self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
                                                             device_index=device.index if device.type == "cuda" else -1)
