@@ -419,6 +419,7 @@ def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
     env = report.get("environment", {})
+    ax1.set_yscale("log")  # latencies span two orders of magnitude across backends
     for ax, title, unit in ((ax1, "latency (median)", "ms"), (ax2, "throughput", "images/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
