@@ -145,25 +145,16 @@ def build_aoti(
     """
     from rich.console import Console
 
-    from .. import __version__
-
     output = check_output_path(output)
     if output.suffix != ".pt2":
         raise BuildError(f"an AOTInductor package must end in .pt2, got {output.name}")
     lo, opt, hi = _check_options(precision, batch, device)
     deploy = load_model(model, config=config).eval()
-    key = _cache_key(deploy, precision, (lo, opt, hi), device, inductor_configs or {})
-    cached = cache_dir() / f"aoti-{key}.pt2"
-    if cache and cached.is_file() and sidecar_path(cached).is_file():
-        _copy(cached, output)
-        _copy(sidecar_path(cached), sidecar_path(output))
+    cached = cache_dir() / f"aoti-{_cache_key(deploy, precision, (lo, opt, hi), device, inductor_configs or {})}.pt2"
+    if cache and _from_cache(cached, output):
         return output
     body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
-    h, w = deploy.preprocess.size
-    n = min(max(opt, 2), hi) if lo < hi else lo  # an example batch of 1 would be specialized by export
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 3, h, w, generator=gen).to(device)
-    sizes = torch.tensor([[w, h]] * n, dtype=torch.int64, device=device)
+    images, sizes = _example_inputs(deploy, lo, opt, hi, device)
 
     status = Console(stderr=True).status("exporting with torch.export", spinner="dots") if progress else contextlib.nullcontext()
     tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
@@ -182,29 +173,49 @@ def build_aoti(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
-    info: dict[str, Any] = {
-        "backend": "aoti",
-        "toolkit_version": __version__,
-        "torch_version": torch.__version__,
-        "contract_version": CONTRACT_VERSION,
-        "device": device,
-        "precision": precision,
-        "batch": {"min": lo, "opt": opt, "max": hi},
-        "dynamic_batch": lo < hi,
-        "config_name": deploy.name,
-        "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(),
-        "class_names": deploy.class_names,
-    }
+    info = _sidecar_info(deploy, "aoti", device, precision, (lo, opt, hi))
     if device == "cuda":
         index = torch.device(device).index or torch.cuda.current_device()
         info["gpu_name"] = torch.cuda.get_device_name(index)
         info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(index))
     write_sidecar(output, info)
     if cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        _copy(output, cached)
-        _copy(sidecar_path(output), sidecar_path(cached))
+        _to_cache(output, cached)
     return output
+
+
+def _from_cache(cached: Path, output: Path) -> bool:
+    """Copy a cached build and its sidecar to ``output``; False when there is none."""
+    if not (cached.is_file() and sidecar_path(cached).is_file()):
+        return False
+    _copy(cached, output)
+    _copy(sidecar_path(cached), sidecar_path(output))
+    return True
+
+
+def _to_cache(output: Path, cached: Path) -> None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _copy(output, cached)
+    _copy(sidecar_path(output), sidecar_path(cached))
+
+
+def _example_inputs(deploy: DeployModel, lo: int, opt: int, hi: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export's example batch: never 1 when the batch is dynamic (export would specialize it)."""
+    h, w = deploy.preprocess.size
+    n = min(max(opt, 2), hi) if lo < hi else lo
+    images = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    return images, torch.tensor([[w, h]] * n, dtype=torch.int64, device=device)
+
+
+def _sidecar_info(deploy: DeployModel, backend: str, device: str, precision: str, batch: tuple[int, int, int]) -> dict[str, Any]:
+    """What every model-compiled artifact's sidecar records (the backend adds its library and GPU facts)."""
+    from .. import __version__
+
+    lo, opt, hi = batch
+    return {"backend": backend, "toolkit_version": __version__, "torch_version": torch.__version__,
+            "contract_version": CONTRACT_VERSION, "device": device, "precision": precision,
+            "batch": {"min": lo, "opt": opt, "max": hi}, "dynamic_batch": lo < hi, "config_name": deploy.name,
+            "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(), "class_names": deploy.class_names}
 
 
 def _cache_key(deploy: DeployModel, precision: str, batch: tuple[int, int, int], device: str, inductor: dict[str, Any]) -> str:

@@ -32,10 +32,9 @@ from ..atomic import check_output_path
 from ..backends.torch_tensorrt import INSTALL_HINT, tensorrt_version
 from ..contract import PRECISIONS, ReducedPrecision
 from ..models import load_model
-from ..sidecar import sidecar_path, write_sidecar
-from ..signature import CONTRACT_VERSION
-from . import BuildError, _copy, cache_dir
-from .aoti import _cache_key, _export
+from ..sidecar import write_sidecar
+from . import BuildError, cache_dir
+from .aoti import _cache_key, _example_inputs, _export, _from_cache, _sidecar_info, _to_cache
 
 SUFFIX = ".ep"
 
@@ -110,8 +109,6 @@ def build_torch_tensorrt(
     """
     from rich.console import Console
 
-    from .. import __version__
-
     output = check_output_path(output)
     if output.suffix != SUFFIX:
         raise BuildError(f"a Torch-TensorRT program must end in {SUFFIX}, got {output.name}")
@@ -124,16 +121,11 @@ def build_torch_tensorrt(
     key = _cache_key(deploy, precision, (lo, opt, hi), "cuda",
                      {"backend": "torch-tensorrt", "min_block_size": min_block_size, **versions, **gpu})
     cached = cache_dir() / f"torch-tensorrt-{key}{SUFFIX}"
-    if cache and cached.is_file() and sidecar_path(cached).is_file():
-        _copy(cached, output)
-        _copy(sidecar_path(cached), sidecar_path(output))
+    if cache and _from_cache(cached, output):
         return output
     body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(dev).eval()
     h, w = deploy.preprocess.size
-    n = min(max(opt, 2), hi) if lo < hi else lo  # an example batch of 1 would be specialized by export
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 3, h, w, generator=gen).to(dev)
-    sizes = torch.tensor([[w, h]] * n, dtype=torch.int64, device=dev)
+    images, sizes = _example_inputs(deploy, lo, opt, hi, dev)
     dynamic_shapes = None
     if lo < hi:  # save re-exports the compiled graph: the batch must stay one symbol shared by both inputs
         dim = torch.export.Dim("N", min=lo, max=hi)
@@ -158,25 +150,9 @@ def build_torch_tensorrt(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
-    info: dict[str, Any] = {
-        "backend": "torch-tensorrt",
-        "toolkit_version": __version__,
-        "torch_version": torch.__version__,
-        **versions,
-        "contract_version": CONTRACT_VERSION,
-        "device": "cuda",
-        **gpu,
-        "precision": precision,
-        "batch": {"min": lo, "opt": opt, "max": hi},
-        "dynamic_batch": lo < hi,
-        "min_block_size": min_block_size,
-        "config_name": deploy.name,
-        "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(),
-        "class_names": deploy.class_names,
-    }
+    info = {**_sidecar_info(deploy, "torch-tensorrt", "cuda", precision, (lo, opt, hi)), **versions, **gpu,
+            "min_block_size": min_block_size}
     write_sidecar(output, info)
     if cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        _copy(output, cached)
-        _copy(sidecar_path(output), sidecar_path(cached))
+        _to_cache(output, cached)
     return output
