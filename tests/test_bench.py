@@ -99,3 +99,21 @@ def test_ort_cuda_graph_is_refused_clearly_for_rt_detr(tiny_onnx):
     # RT-DETR's graph keeps shape nodes on the CPU, so ORT refuses graph capture for it: a clear error, not a hang
     with pytest.raises(toolkit.EngineError, match="graph capture"):
         toolkit.load(tiny_onnx, device="cuda", cuda_graph=True)
+
+
+def test_bench_aoti_with_inductor_options_on_cpu(tiny_model, tmp_path):
+    """AOTInductor rows on CPU, built with extra inductor options (freezing folds BatchNorm into the convolutions);
+    the package gets its own name and still matches eager torch."""
+    from toolkit.verify import verification_images
+
+    report = bench(tiny_model, backends=("aoti",), batches=(1, 2), warmup=1, iters=2, device="cpu", workdir=tmp_path,
+                   aoti_configs={"freezing": True}, progress=False)
+    assert [r.status for r in report.rows] == ["ok", "ok"] and report.environment["aoti_configs"] == {"freezing": True}
+    (package,) = tmp_path.glob("*.pt2")
+    assert "freezing=True" in package.name
+    images = verification_images(2, tiny_model.preprocess.size, seed=1)
+    sizes = torch.tensor([[640, 480], [320, 240]])
+    out = toolkit.load(package)(images=images, orig_target_sizes=sizes)
+    ref = toolkit.load(tiny_model, backend="torch", device="cpu")(images=images, orig_target_sizes=sizes)
+    assert torch.equal(out["labels"], ref["labels"])
+    assert torch.allclose(out["boxes"], ref["boxes"], atol=1e-2) and torch.allclose(out["scores"], ref["scores"], atol=1e-4)

@@ -128,8 +128,10 @@ class _Artifacts:
     """Builds (once, in ``workdir``) what each backend needs from the model (ONNX files, .pt2 packages, engines)
     and keeps the loaded engine of the configuration being measured, so each package is loaded once per run."""
 
-    def __init__(self, model: Any, workdir: Path, device: torch.device, max_batch: int) -> None:
+    def __init__(self, model: Any, workdir: Path, device: torch.device, max_batch: int,
+                 aoti_configs: dict[str, Any] | None = None) -> None:
         self.model, self.workdir, self.device, self.max_batch = model, workdir, device, max_batch
+        self.aoti_configs = dict(aoti_configs or {})
         self._onnx: dict[str, Path] = {}
         self._engines: dict[tuple[str, str, bool], BaseEngine] = {}
 
@@ -152,10 +154,12 @@ class _Artifacts:
         if backend == "aoti":
             from .build.aoti import build_aoti
 
-            path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}.pt2"
+            tag = "".join(f".{k}={v}" for k, v in sorted(self.aoti_configs.items()))  # other options, another package
+            path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}{tag}.pt2"
             if not path.exists():
                 build_aoti(copy.deepcopy(self.model).cpu(), path, precision=precision, device=self.device.type,
-                           batch=(1, max(2, min(8, self.max_batch)), max(2, self.max_batch)), progress=False)
+                           batch=(1, max(2, min(8, self.max_batch)), max(2, self.max_batch)), progress=False,
+                           inductor_configs=self.aoti_configs)
             return path
         if backend == "tensorrt":
             from .build import build_engine
@@ -281,6 +285,7 @@ def bench(
     plot_path: str | Path | None = None,
     profile: bool = False,
     check_images: int = 100,
+    aoti_configs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BenchReport:
     """Benchmark ``model`` (anything :func:`toolkit.models.load_model` takes) on every runnable configuration.
@@ -289,6 +294,8 @@ def bench(
     ``compare`` against fp32 ONNX Runtime, and keep its COCO mAP on ``check_images`` synthetic images within
     0.5 points of it, before its timings are reported; None skips the check (noted).
     ``profile`` (CUDA): after timing, profile each measured row (top kernels, GPU-idle share) into ``profiles``.
+    ``aoti_configs``: ``torch._inductor`` options for the AOTInductor builds (e.g. ``force_layout_optimization``,
+    ``freezing``, ``max_autotune``), recorded in the report's environment.
     """
     from tqdm import tqdm
 
@@ -296,11 +303,13 @@ def bench(
     deploy = load_model(model, config=config, seed=0).eval()  # a config name: the same random weights every run
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rtdetr-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    artifacts = _Artifacts(deploy, work, dev, max(batches))
-    checker = _Artifacts(load_model(check_model).eval(), work / "check", dev, 8) if check_model is not None else None
+    artifacts = _Artifacts(deploy, work, dev, max(batches), aoti_configs)
+    checker = _Artifacts(load_model(check_model).eval(), work / "check", dev, 8, aoti_configs) if check_model is not None else None
     if checker is not None:
         checker.workdir.mkdir(exist_ok=True)
     report = BenchReport([], environment(dev))
+    if aoti_configs:
+        report.environment["aoti_configs"] = dict(aoti_configs)
     if checker is None:
         report.notes.append("no check model: configurations were not checked for accuracy")
     configs = [(b, p, g) for b in backends for p in precisions for g in cuda_graphs

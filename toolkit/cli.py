@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -209,6 +209,20 @@ def build(
     console.print(result.summary())
 
 
+def _inductor_options(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings as torch._inductor options: 1/0/true/false are booleans, digits ints, the rest strings."""
+    from .errors import InputError
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--aoti-config takes KEY=VALUE, got {pair!r}")
+        low = value.lower()
+        options[key] = True if low in ("1", "true") else False if low in ("0", "false") else int(value) if value.isdigit() else value
+    return options
+
+
 @app.command()
 def bench(
     model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint or config name (random weights are fine for speed)."),
@@ -226,6 +240,7 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Write latency/throughput curves as PNG."),
     profile: bool = typer.Option(False, "--profile", help="CUDA: profile each measured row (top kernels, GPU-idle share) into the JSON."),
     check_images: int = typer.Option(100, help="Synthetic images for the COCO mAP part of the accuracy check (0: compare only)."),
+    aoti_config: List[str] = typer.Option([], "--aoti-config", help="KEY=VALUE torch._inductor option for the AOTInductor builds (repeatable), e.g. freezing=1."),
 ) -> None:
     """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
     from .bench import TABLE_HEADER, bench as run_bench, table_rows
@@ -234,7 +249,7 @@ def bench(
     report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
                        check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
-                       profile=profile, check_images=check_images)
+                       profile=profile, check_images=check_images, aoti_configs=_inductor_options(aoti_config))
     table = Table(title=f"bench on {report.environment.get('gpu', report.environment['device'])}")
     for col in TABLE_HEADER:
         table.add_column(col)

@@ -166,7 +166,8 @@ def build_aoti(
             tmp = tmpdir / output.name
             try:
                 with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
-                    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_configs or {})
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                             inductor_configs=dict(inductor_configs or {}))  # it adds keys
             except Exception as e:
                 raise BuildError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
         os.replace(tmp, output)
