@@ -245,7 +245,12 @@ def bench(
     """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
     from .bench import TABLE_HEADER, bench as run_bench, table_rows
 
-    graphs = {"off": (False,), "on": (True,), "both": (False, True)}[cuda_graphs]
+    choices = {"off": (False,), "on": (True,), "both": (False, True)}
+    if cuda_graphs not in choices:
+        from .errors import InputError
+
+        raise InputError(f"--cuda-graphs takes off, on or both, got {cuda_graphs!r}")
+    graphs = choices[cuda_graphs]
     report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
                        check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
