@@ -109,7 +109,7 @@ def detect_backend(source: Any) -> str:
 def load(source: Any, backend: str | None = None, device: str | torch.device | None = None, **options: Any) -> BaseEngine:
     """Load anything runnable as an :class:`Engine`.
 
-    ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), an
+    ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), ``.ep`` (Torch-TensorRT), an
     ``nn.Module``, checkpoint or config name (eager torch). ``options`` go to the backend and the binder
     (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
     replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.cudagraph.CudaGraphEngine`
