@@ -123,6 +123,8 @@ def export_onnx(
             raise ExportError(f"torch.onnx.export failed at opset {opset}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
         onnx_model = onnx.load(str(tmp))
         _name_output_dims(onnx_model, deploy.top_k if not deploy.contract else None)
+        if precision != "fp32":
+            _grid_sample_in_fp32(onnx_model)
         if simplify:
             onnx_model = _simplify(onnx_model)
         signature = replace(from_onnx(onnx_model), preprocess=deploy.preprocess)
@@ -152,6 +154,34 @@ def _preprocess_dict(model: DeployModel) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(model.preprocess)
+
+
+def _grid_sample_in_fp32(onnx_model: Any) -> int:
+    """Run every half-precision GridSample in fp32 (Cast in, Cast out); returns how many were wrapped.
+
+    ONNX Runtime's CUDA GridSample kernel is registered for float only, so an fp16 GridSample is placed on the
+    CPU: on the H100 the fp16 RT-DETR-R50 spent 54 ms per batch-32 call in host-to-device copies and ran slower
+    than fp32 (docs/benchmarks.md). The deformable attention's sampling also keeps more precision in fp32.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(onnx_model).graph.value_info}
+    nodes, wrapped = [], 0
+    for node in onnx_model.graph.node:
+        if node.op_type != "GridSample" or types.get(node.input[0]) != TensorProto.FLOAT16:
+            nodes.append(node)
+            continue
+        wrapped += 1
+        casts_in = [helper.make_node("Cast", [name], [f"{name}__fp32_{wrapped}"], to=TensorProto.FLOAT, name=f"{node.name}/cast_in{i}")
+                    for i, name in enumerate(node.input[:2])]
+        out = node.output[0]
+        node.input[0], node.input[1] = casts_in[0].output[0], casts_in[1].output[0]
+        node.output[0] = f"{out}__fp32"
+        nodes += [*casts_in, node, helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT16, name=f"{node.name}/cast_out")]
+    del onnx_model.graph.node[:]
+    onnx_model.graph.node.extend(nodes)
+    return wrapped
 
 
 def _name_output_dims(onnx_model: Any, top_k: int | None) -> None:
