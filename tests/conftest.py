@@ -67,3 +67,18 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def shifted_engine(inner, dx: float):
+    """``inner`` with every box moved ``dx`` px to the right: the kind of bug compare and the bench gate must catch."""
+    from toolkit.engine import BaseEngine
+
+    class Shifted(BaseEngine):
+        backend = inner.backend
+
+        def _run(self, bound):
+            out = dict(inner._run(bound))
+            out["boxes"] = out["boxes"] + torch.tensor([dx, 0.0, dx, 0.0], device=out["boxes"].device)
+            return out
+
+    return Shifted(inner.signature, inner.device, class_names=inner.class_names)

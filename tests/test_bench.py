@@ -9,7 +9,7 @@ import torch
 
 import toolkit
 from toolkit.bench import JSON_KEYS, bench, binder_overhead_us
-from toolkit.engine import BaseEngine
+from tests.conftest import shifted_engine
 
 
 def test_bench_writes_json_with_documented_keys_and_a_plot(tiny_model, tmp_path):
@@ -53,19 +53,7 @@ def test_accuracy_check_on_the_fixture_passes_a_faithful_backend_and_fails_shift
 
     faithful = art.engine("torch", "fp32", False)
 
-    class Shifted(BaseEngine):  # boxes 5 px to the right: the kind of bug a fast path must never hide
-        backend = "torch"
-
-        def __init__(self, inner):
-            super().__init__(inner.signature, inner.device, class_names=inner.class_names)
-            self.inner = inner
-
-        def _run(self, bound):
-            out = dict(self.inner._run(bound))
-            out["boxes"] = out["boxes"] + torch.tensor([5.0, 0.0, 5.0, 0.0])
-            return out
-
-    art._engines[("torch", "fp32", False)] = Shifted(faithful)
+    art._engines[("torch", "fp32", False)] = shifted_engine(faithful, 5.0)
     failure, done = accuracy_check(art, "torch", "fp32", False, images=24)
     assert failure and done == "compare failed"
 

@@ -10,6 +10,8 @@ import toolkit
 from toolkit.demo import FIXTURE_DIR, fixture_path
 from toolkit.export import export_onnx
 
+from tests.conftest import shifted_engine
+
 
 @pytest.fixture(scope="module")
 def fixture_onnx(tmp_path_factory):
@@ -61,21 +63,7 @@ def test_fp16_and_fp32_engines_agree_and_a_2px_shift_does_not(fixture_onnx, tmp_
     assert report.ok, report.summary()
     assert report.verdict == "agree"
 
-    from toolkit.engine import BaseEngine
-
-    class ShiftedEngine(BaseEngine):  # the fp32 engine with every box moved 2 px right: must fail
-        backend = "shifted"
-
-        def __init__(self, inner):
-            super().__init__(inner.signature, inner.device, class_names=inner.class_names)
-            self.inner = inner
-
-        def _run(self, bound):
-            out = dict(self.inner._run(bound))
-            out["boxes"] = out["boxes"] + torch.tensor([2.0, 0.0, 2.0, 0.0])
-            return out
-
-    shifted = ShiftedEngine(a)
+    shifted = shifted_engine(a, 2.0)  # every box moved 2 px right: must fail
     assert not compare(a, shifted).ok
 
 

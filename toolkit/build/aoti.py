@@ -98,6 +98,10 @@ def _check_options(precision: str, batch: tuple[int, int, int], device: str) -> 
         raise BuildError("device='cuda' needs a CUDA GPU and a CUDA build of torch; none is available here (build with device='cpu')")
     if device == "cpu" and precision != "fp32":
         raise BuildError(f"{precision} AOTInductor packages are built for CUDA only; use precision='fp32' for a CPU package")
+    return _check_batch(batch)
+
+
+def _check_batch(batch: tuple[int, int, int]) -> tuple[int, int, int]:
     try:
         lo, opt, hi = (int(b) for b in batch)
     except (TypeError, ValueError):

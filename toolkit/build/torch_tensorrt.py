@@ -34,7 +34,7 @@ from ..contract import PRECISIONS, ReducedPrecision
 from ..models import load_model
 from ..sidecar import write_sidecar
 from . import BuildError, cache_dir
-from .aoti import _cache_key, _example_inputs, _export, _from_cache, _sidecar_info, _to_cache
+from .aoti import _cache_key, _check_batch, _example_inputs, _export, _from_cache, _sidecar_info, _to_cache
 
 SUFFIX = ".ep"
 
@@ -42,15 +42,9 @@ SUFFIX = ".ep"
 def _check_options(precision: str, batch: tuple[int, int, int], min_block_size: int) -> tuple[int, int, int]:
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {', '.join(PRECISIONS)} for Torch-TensorRT, got {precision!r}")
-    try:
-        lo, opt, hi = (int(b) for b in batch)
-    except (TypeError, ValueError):
-        raise BuildError(f"batch must be (min, opt, max), got {batch!r}") from None
-    if not 1 <= lo <= opt <= hi:
-        raise BuildError(f"batch must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
     if min_block_size < 1:
         raise BuildError(f"min_block_size must be at least 1, got {min_block_size}")
-    return lo, opt, hi
+    return _check_batch(batch)
 
 
 def _import_torch_tensorrt() -> Any:
