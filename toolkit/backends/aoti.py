@@ -48,6 +48,27 @@ def _check_device(path: Path, meta: dict[str, Any], device: torch.device) -> tor
     return device
 
 
+
+def _share_libstdcxx() -> None:
+    """Put the process's libstdc++ in the global symbol scope before a package's ``.so`` is loaded.
+
+    torch loads libstdc++ privately (RTLD_LOCAL). The package's wrapper ``.so`` then keeps its own copies
+    of libstdc++'s template statics (the locale facet ids), and its ``std::regex`` in ``parse_device_str``
+    reads an unregistered facet: on the H100 (torch 2.11, g++ 13) every CUDA package load segfaulted,
+    except in processes where another library (onnxruntime) had already made libstdc++ global.
+    RTLD_NOLOAD promotes the copy already loaded and never loads a second one.
+    """
+    import ctypes
+    import os
+
+    if not hasattr(os, "RTLD_NOLOAD"):
+        return
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    except OSError:  # not a glibc system, or a torch without libstdc++ (nothing to share)
+        pass
+
+
 class AotiEngine(BaseEngine):
     backend = "aoti"
 
@@ -64,10 +85,7 @@ class AotiEngine(BaseEngine):
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{path}: its sidecar has no valid signature ({e.__class__.__name__}: {e}); rebuild the package") from None
         device = _check_device(path, meta, device or torch.device(meta.get("device") or "cpu"))
-        if device.type == "cuda":
-            # a CUDA context must exist before the loader runs: on torch 2.11 (H100) aoti_load_package segfaulted
-            # in fresh processes whose first CUDA work it was, and never once a tensor had been put on the GPU
-            torch.empty(1, device=device)
+        _share_libstdcxx()
         try:
             self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
                                                             device_index=device.index if device.type == "cuda" else -1)
