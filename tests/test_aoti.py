@@ -64,6 +64,7 @@ def test_sidecar(tiny_pt2, tiny_model):
     assert meta["batch"] == {"min": 1, "opt": 2, "max": 4} and meta["dynamic_batch"] is True
     assert meta["torch_version"] == torch.__version__ and meta["class_names"] == tiny_model.class_names
     assert meta["signature"]["dim_bounds"] == {"N": [1, 4]}
+    assert meta["inductor_configs"] == {}  # the measured CUDA defaults are for CUDA packages only
     assert not list(tiny_pt2.parent.glob(".*"))  # no temporary left behind
 
 
@@ -146,6 +147,7 @@ def test_gpu_package(tmp_path, precision):
                       device="cuda", progress=False)
     meta = read_sidecar(path)
     assert meta["device"] == "cuda" and meta["precision"] == precision and meta["compute_capability"]
+    assert meta["inductor_configs"] == {"freezing": True, "force_layout_optimization": True}  # the measured fast path
     engine = toolkit.load(path)
     assert engine.device.type == "cuda"
     with pytest.raises(EngineError, match="compiled for CUDA"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import toolkit
+from toolkit.sidecar import read_sidecar
 from toolkit.bench import JSON_KEYS, bench, binder_overhead_us
 from tests.conftest import shifted_engine
 
@@ -98,7 +99,7 @@ def test_bench_aoti_with_inductor_options_on_cpu(tiny_model, tmp_path):
                    aoti_configs={"freezing": True}, progress=False)
     assert [r.status for r in report.rows] == ["ok", "ok"] and report.environment["aoti_configs"] == {"freezing": True}
     (package,) = tmp_path.glob("*.pt2")
-    assert "freezing=True" in package.name
+    assert "freezing=True" in package.name and read_sidecar(package)["inductor_configs"] == {"freezing": True}
     images = verification_images(2, tiny_model.preprocess.size, seed=1)
     sizes = torch.tensor([[640, 480], [320, 240]])
     out = toolkit.load(package)(images=images, orig_target_sizes=sizes)

@@ -124,6 +124,14 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], lo: i
         raise ExportError(f"torch.export failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
 
 
+CUDA_INDUCTOR_DEFAULTS: dict[str, Any] = {"freezing": True, "force_layout_optimization": True}
+"""Inductor options every CUDA package gets unless the caller overrides them (``freezing=0``), chosen by
+measurement (H100, R50 fp16 + CUDA graph, docs/benchmarks.md): ``force_layout_optimization`` keeps the
+convolutions channels_last although the batch is dynamic (Inductor turns that off for symbolic sizes, and
+cuDNN then transposes around every convolution), ``freezing`` folds the weights as constants. Together:
+batch 32 from 1085 to 1311 img/s, batch 1 from 2.35 to 2.09 ms, fixture mAP 0.8335 against 0.8340."""
+
+
 def build_aoti(
     model: Any,
     output: str | Path,
@@ -145,7 +153,8 @@ def build_aoti(
     ``batch``: (min, opt, max) of the dynamic batch; the package runs any batch in [min, max].
     ``device``: "cpu" or "cuda" (a CUDA package runs only on CUDA GPUs of the compute capability it was
     built on). ``inductor_configs``: extra ``torch._inductor`` options for the compile (e.g.
-    ``{"max_autotune": True}`` on CUDA); they cost build time only, never load time.
+    ``{"max_autotune": True}`` on CUDA), over :data:`CUDA_INDUCTOR_DEFAULTS` on CUDA; they cost build time
+    only, never load time, and the sidecar records them.
     """
     from rich.console import Console
 
@@ -154,7 +163,8 @@ def build_aoti(
         raise BuildError(f"an AOTInductor package must end in .pt2, got {output.name}")
     lo, opt, hi = _check_options(precision, batch, device)
     deploy = load_model(model, config=config).eval()
-    cached = cache_dir() / f"aoti-{_cache_key(deploy, precision, (lo, opt, hi), device, inductor_configs or {})}.pt2"
+    inductor = {**(CUDA_INDUCTOR_DEFAULTS if device == "cuda" else {}), **(inductor_configs or {})}
+    cached = cache_dir() / f"aoti-{_cache_key(deploy, precision, (lo, opt, hi), device, inductor)}.pt2"
     if cache and _from_cache(cached, output):
         return output
     body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
@@ -171,7 +181,7 @@ def build_aoti(
             try:
                 with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
                     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                             inductor_configs=dict(inductor_configs or {}))  # it adds keys
+                                                             inductor_configs=dict(inductor))  # it adds keys
             except Exception as e:
                 raise BuildError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
         os.replace(tmp, output)
@@ -179,6 +189,7 @@ def build_aoti(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     info = _sidecar_info(deploy, "aoti", device, precision, (lo, opt, hi))
+    info["inductor_configs"] = inductor
     if device == "cuda":
         index = torch.device(device).index or torch.cuda.current_device()
         info["gpu_name"] = torch.cuda.get_device_name(index)
