@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.sidecar import read_sidecar
 from toolkit.bench import JSON_KEYS, bench, binder_overhead_us
+from toolkit.sidecar import read_sidecar
 from tests.conftest import shifted_engine
 
 
