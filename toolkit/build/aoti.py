@@ -29,7 +29,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -124,6 +124,27 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], lo: i
         raise ExportError(f"torch.export failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
 
 
+def _export_and_compile(body: nn.Module, example: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int, output: Path,
+                        tmp_name: str, compiling: str, compile_to: Callable[[Any, Path], None], progress: bool) -> None:
+    """Export ``body`` (dynamic batch in [lo, hi]), then ``compile_to(program, tmp)`` into a temporary folder beside
+    ``output``; ``tmp`` is renamed to ``output`` only once complete, so a failed build leaves nothing behind.
+    ``compiling``: the progress message while ``compile_to`` runs (``tmp_name``: the name it expects to write)."""
+    from rich.console import Console
+
+    status = Console(stderr=True).status("exporting with torch.export", spinner="dots") if progress else contextlib.nullcontext()
+    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        with status:
+            program = _export(body, example, lo, hi)
+            if progress:
+                status.update(compiling)
+            tmp = tmpdir / tmp_name
+            compile_to(program, tmp)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 CUDA_INDUCTOR_DEFAULTS: dict[str, Any] = {"freezing": True, "force_layout_optimization": True}
 """Inductor options every CUDA package gets unless the caller overrides them (``freezing=0``), chosen by
 measurement (H100, R50 fp16 + CUDA graph, docs/benchmarks.md): ``force_layout_optimization`` keeps the
@@ -156,8 +177,6 @@ def build_aoti(
     ``{"max_autotune": True}`` on CUDA), over :data:`CUDA_INDUCTOR_DEFAULTS` on CUDA; they cost build time
     only, never load time, and the sidecar records them.
     """
-    from rich.console import Console
-
     output = check_output_path(output)
     if output.suffix != ".pt2":
         raise BuildError(f"an AOTInductor package must end in .pt2, got {output.name}")
@@ -170,23 +189,16 @@ def build_aoti(
     body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(device).eval()
     images, sizes = _example_inputs(deploy, lo, opt, hi, device)
 
-    status = Console(stderr=True).status("exporting with torch.export", spinner="dots") if progress else contextlib.nullcontext()
-    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        with status:
-            program = _export(body, (images, sizes), lo, hi)
-            if progress:
-                status.update(f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU")
-            tmp = tmpdir / output.name
-            try:
-                with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
-                    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                             inductor_configs=dict(inductor))  # it adds keys
-            except Exception as e:
-                raise BuildError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    def compile_to(program: Any, tmp: Path) -> None:
+        try:
+            with tf32(False):  # kernels chosen for exact fp32, as the eager reference computes
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                         inductor_configs=dict(inductor))  # it adds keys
+        except Exception as e:
+            raise BuildError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
+
+    _export_and_compile(body, (images, sizes), lo, hi, output, output.name,
+                        f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU", compile_to, progress)
 
     info = _sidecar_info(deploy, "aoti", device, precision, (lo, opt, hi))
     info["inductor_configs"] = inductor

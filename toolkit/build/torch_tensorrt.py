@@ -18,11 +18,7 @@ either way. fp32 layers are built without TF32, like the exact-fp32 eager refere
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,7 @@ from ..contract import PRECISIONS, ReducedPrecision
 from ..models import load_model
 from ..sidecar import write_sidecar
 from . import BuildError, cache_dir
-from .aoti import _cache_key, _check_batch, _example_inputs, _export, _from_cache, _sidecar_info, _to_cache
+from .aoti import _cache_key, _check_batch, _example_inputs, _export_and_compile, _from_cache, _sidecar_info, _to_cache
 
 SUFFIX = ".ep"
 
@@ -101,8 +97,6 @@ def build_torch_tensorrt(
     engine (smaller runs stay in PyTorch). ``cache``: reuse a program built before from the same weights,
     options, versions and GPU architecture (:func:`toolkit.build.cache_dir`).
     """
-    from rich.console import Console
-
     output = check_output_path(output)
     if output.suffix != SUFFIX:
         raise BuildError(f"a Torch-TensorRT program must end in {SUFFIX}, got {output.name}")
@@ -125,24 +119,19 @@ def build_torch_tensorrt(
         dim = torch.export.Dim("N", min=lo, max=hi)
         dynamic_shapes = ({0: dim}, {0: dim})
 
-    status = Console(stderr=True).status("exporting with torch.export", spinner="dots") if progress else contextlib.nullcontext()
-    tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        with status:
-            program = _export(body, (images, sizes), lo, hi)
-            if progress:
-                status.update(f"building TensorRT engines with Torch-TensorRT {ttrt.__version__} ({precision}); this takes minutes")
-            tmp = tmpdir / "program.pt2"  # torch's archive writer expects .pt2; renamed to the output below
-            try:
-                compiled = ttrt.compile(program, ir="dynamo", arg_inputs=_inputs(ttrt, lo, opt, hi, h, w), device=dev,
-                                        min_block_size=min_block_size, disable_tf32=True)
-                ttrt.save(compiled, str(tmp), output_format="exported_program", arg_inputs=[images, sizes],
-                          dynamic_shapes=dynamic_shapes, retrace=True)
-            except Exception as e:
-                raise BuildError(f"Torch-TensorRT build failed: {e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    def compile_to(program: Any, tmp: Path) -> None:
+        try:
+            compiled = ttrt.compile(program, ir="dynamo", arg_inputs=_inputs(ttrt, lo, opt, hi, h, w), device=dev,
+                                    min_block_size=min_block_size, disable_tf32=True)
+            ttrt.save(compiled, str(tmp), output_format="exported_program", arg_inputs=[images, sizes],
+                      dynamic_shapes=dynamic_shapes, retrace=True)
+        except Exception as e:
+            raise BuildError(f"Torch-TensorRT build failed: {e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
+
+    # torch's archive writer expects .pt2: the program is written as one and renamed to the output
+    _export_and_compile(body, (images, sizes), lo, hi, output, "program.pt2",
+                        f"building TensorRT engines with Torch-TensorRT {ttrt.__version__} ({precision}); this takes minutes",
+                        compile_to, progress)
 
     info = {**_sidecar_info(deploy, "torch-tensorrt", "cuda", precision, (lo, opt, hi)), **versions, **gpu,
             "min_block_size": min_block_size}
