@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.models import build_model, make_tie_free_
+from toolkit.models.config import build_model, make_tie_free_
 
 
 def pytest_configure(config):
@@ -39,7 +39,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
-    from toolkit.export import export_onnx
+    from toolkit.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export_onnx(tiny_model, path)
@@ -48,7 +48,7 @@ def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx_int32(tiny_model, tmp_path_factory) -> Path:
-    from toolkit.export import export_onnx
+    from toolkit.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("onnx32") / "tiny_int32.onnx"
     export_onnx(tiny_model, path, sizes_dtype="int32")
@@ -58,7 +58,7 @@ def tiny_onnx_int32(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_images():
     """Two distinct structured images [2,3,128,128] in [0,1] and their (w,h) sizes."""
-    from toolkit.verify import verification_images
+    from toolkit.export.verify import verification_images
 
     return verification_images(2, (128, 128), seed=7), torch.tensor([[640, 480], [320, 200]])
 
@@ -71,7 +71,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def shifted_engine(inner, dx: float):
     """``inner`` with every box moved ``dx`` px to the right: the kind of bug compare and the bench gate must catch."""
-    from toolkit.engine import BaseEngine
+    from toolkit.runtime.base import BaseEngine
 
     class Shifted(BaseEngine):
         backend = inner.backend

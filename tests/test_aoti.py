@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.build import BuildError, build_engine
+from toolkit.builders.build import BuildError, build_engine
 from toolkit.errors import EngineError
-from toolkit.matching import match_permutation
-from toolkit.sidecar import read_sidecar, sidecar_path
+from toolkit.export.permutation import match_permutation
+from toolkit.runtime.sidecar import read_sidecar, sidecar_path
 
 
 @pytest.fixture(scope="module")
 def tiny_pt2(tiny_model, tmp_path_factory):
-    from toolkit.build.aoti import build_aoti
+    from toolkit.builders.aoti import build_aoti
 
     path = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
     return build_aoti(tiny_model, path, batch=(1, 2, 4), device="cpu", progress=False)
@@ -45,13 +45,13 @@ def test_second_build_comes_from_the_cache(tiny_pt2, tiny_model, tmp_path):
     """The same weights and options reuse the package (the demo relies on it); other options do not."""
     import time
 
-    from toolkit.build.aoti import build_aoti
+    from toolkit.builders.aoti import build_aoti
 
     start = time.perf_counter()
     again = build_aoti(tiny_model, tmp_path / "again.pt2", batch=(1, 2, 4), device="cpu", progress=False)
     assert time.perf_counter() - start < 30  # a compile takes minutes on this machine; a hit is a copy
     assert again.read_bytes() == tiny_pt2.read_bytes()
-    from toolkit.build.aoti import _cache_key
+    from toolkit.builders.aoti import _cache_key
 
     key = _cache_key(tiny_model, "fp32", (1, 2, 4), "cpu", {})
     assert key != _cache_key(tiny_model, "fp32", (1, 2, 3), "cpu", {})  # other options, other package
@@ -116,8 +116,8 @@ def test_corrupted_package(tiny_pt2, tmp_path):
 
 
 def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
-    from toolkit.build import build_from_model
-    from toolkit.build.aoti import build_aoti
+    from toolkit.builders.build import build_from_model
+    from toolkit.builders.aoti import build_aoti
 
     with pytest.raises(BuildError, match="precision"):
         build_aoti(tiny_model, tmp_path / "m.pt2", precision="int8")
@@ -138,10 +138,10 @@ def test_build_refusals(tiny_model, tiny_onnx, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gpu_package(tmp_path, precision):
     """CUDA packages of the trained fixture (the tie-free tiny test model overflows in fp16) against eager torch."""
-    from toolkit.build.aoti import build_aoti
-    from toolkit.comparison import compare
-    from toolkit.cudagraph import CudaGraphEngine
-    from toolkit.demo import fixture_path
+    from toolkit.builders.aoti import build_aoti
+    from toolkit.checks.compare import compare
+    from toolkit.runtime.cudagraph import CudaGraphEngine
+    from toolkit.tasks.demo import fixture_path
 
     path = build_aoti(fixture_path(), tmp_path / f"shapes_{precision}.pt2", precision=precision, batch=(1, 2, 4),
                       device="cuda", progress=False)
@@ -153,7 +153,7 @@ def test_gpu_package(tmp_path, precision):
     with pytest.raises(EngineError, match="compiled for CUDA"):
         toolkit.load(path, device="cpu")
     ref_engine = toolkit.load(fixture_path(), backend="torch", device="cuda")
-    from toolkit.verify import verification_images
+    from toolkit.export.verify import verification_images
 
     for n in (2, 3):
         images = verification_images(n, (320, 320), seed=n).cuda()
@@ -186,8 +186,8 @@ def test_cli_build_onnx_to_pt2_then_run(tmp_path):
     from tests.conftest import run_cli
     from torchvision.io import write_png
 
-    from toolkit.demo import fixture_path
-    from toolkit.verify import verification_images
+    from toolkit.tasks.demo import fixture_path
+    from toolkit.export.verify import verification_images
 
     onnx_path, pt2 = tmp_path / "m.onnx", tmp_path / "m.pt2"
     r = run_cli("export", str(fixture_path()), "-o", str(onnx_path), "--no-verify")
@@ -199,7 +199,7 @@ def test_cli_build_onnx_to_pt2_then_run(tmp_path):
     write_png((verification_images(1, (240, 320), seed=4)[0] * 255).to(torch.uint8), str(tmp_path / "a.png"))
     r = run_cli("run", str(pt2), str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    from toolkit.run import infer_images
+    from toolkit.tasks.run import infer_images
 
     got = infer_images(toolkit.load(pt2), [tmp_path / "a.png"])[0]
     ref = infer_images(toolkit.load(onnx_path, device="cpu"), [tmp_path / "a.png"])[0]
@@ -211,8 +211,8 @@ def test_build_from_onnx_refuses_when_the_model_cannot_be_recovered(tiny_model, 
     """An ONNX from an in-memory module names no source; one whose checkpoint changed since has other weights."""
     from tests.conftest import run_cli
 
-    from toolkit.export import export_onnx
-    from toolkit.models import save_model
+    from toolkit.export.onnx import export_onnx
+    from toolkit.models.loading import save_model
 
     r = run_cli("build", str(export_onnx(tiny_model, tmp_path / "mem.onnx", verify=False).path), "--backend", "aoti",
                 "-o", str(tmp_path / "m.pt2"))

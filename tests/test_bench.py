@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.bench import JSON_KEYS, bench, binder_overhead_us
-from toolkit.sidecar import read_sidecar
+from toolkit.tasks.bench import JSON_KEYS, bench, binder_overhead_us
+from toolkit.runtime.sidecar import read_sidecar
 from tests.conftest import shifted_engine
 
 
@@ -31,7 +31,7 @@ def test_bench_writes_json_with_documented_keys_and_a_plot(tiny_model, tmp_path)
 
 def test_bench_refuses_a_configuration_that_fails_its_accuracy_check(tiny_model, tmp_path, monkeypatch):
     """A configuration whose boxes are wrong is refused, with the reason, and gets no timings."""
-    import toolkit.bench as b
+    import toolkit.tasks.bench as b
 
     monkeypatch.setattr(b, "accuracy_check", lambda artifacts, backend, precision, graph, images:
                         ("every y coordinate is 0" if backend == "torch" else None, "checked"))
@@ -44,9 +44,9 @@ def test_bench_refuses_a_configuration_that_fails_its_accuracy_check(tiny_model,
 
 def test_accuracy_check_on_the_fixture_passes_a_faithful_backend_and_fails_shifted_boxes(tmp_path):
     """The real check (compare, then COCO mAP against fp32 ONNX Runtime) on the trained fixture."""
-    from toolkit.bench import _Artifacts, accuracy_check
-    from toolkit.demo import fixture_path
-    from toolkit.models import load_model
+    from toolkit.tasks.bench import _Artifacts, accuracy_check
+    from toolkit.tasks.demo import fixture_path
+    from toolkit.models.loading import load_model
 
     art = _Artifacts(load_model(fixture_path()), tmp_path, torch.device("cpu"), 2)
     failure, done = accuracy_check(art, "torch", "fp32", False, images=24)
@@ -71,7 +71,7 @@ def test_eager_torch_cannot_be_captured_and_says_so(tiny_model, sample_images):
     (AOTInductor packages are captured instead: tests/test_aoti.py::test_gpu_package)."""
     import copy
 
-    from toolkit.cudagraph import CudaGraphEngine
+    from toolkit.runtime.cudagraph import CudaGraphEngine
 
     images, sizes = (t.cuda() for t in sample_images)
     graph = CudaGraphEngine(toolkit.load(copy.deepcopy(tiny_model), device="cuda"))
@@ -81,7 +81,7 @@ def test_eager_torch_cannot_be_captured_and_says_so(tiny_model, sample_images):
 
 @pytest.mark.gpu
 def test_ort_cuda_graph_is_refused_clearly_for_rt_detr(tiny_onnx):
-    from toolkit.backends.onnxruntime import cuda_available
+    from toolkit.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime has no CUDAExecutionProvider")
@@ -93,7 +93,7 @@ def test_ort_cuda_graph_is_refused_clearly_for_rt_detr(tiny_onnx):
 def test_bench_aoti_with_inductor_options_on_cpu(tiny_model, tmp_path):
     """AOTInductor rows on CPU, built with extra inductor options (freezing folds BatchNorm into the convolutions);
     the package gets its own name and still matches eager torch."""
-    from toolkit.verify import verification_images
+    from toolkit.export.verify import verification_images
 
     report = bench(tiny_model, backends=("aoti",), batches=(1, 2), warmup=1, iters=2, device="cpu", workdir=tmp_path,
                    aoti_configs={"freezing": True}, progress=False)

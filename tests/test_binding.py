@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.binding import Binder, allocate_outputs
+from toolkit.runtime.binding import Binder, allocate_outputs
 from toolkit.errors import BindingError
 from toolkit.signature import PreprocessSpec, deploy_signature
 

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from toolkit.build import build_engine
-from toolkit.sidecar import sidecar_path
+from toolkit.builders.build import build_engine
+from toolkit.runtime.sidecar import sidecar_path
 
 
 def _rtx():
@@ -56,7 +56,7 @@ def test_rtx_builds_tiny(tiny_onnx, tmp_path, sample_images):
 @pytest.mark.gpu
 def test_rtx_builds_r50(tmp_path):
     rtx = _rtx()
-    from toolkit.export import export_onnx
+    from toolkit.export.onnx import export_onnx
 
     onnx_path = tmp_path / "r50.onnx"
     export_onnx(None, onnx_path, config="rtdetr_r50vd", verify=False)

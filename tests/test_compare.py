@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.comparison import Thresholds, compare, synthetic_images
+from toolkit.checks.matching import Thresholds
+from toolkit.checks.compare import compare
+from toolkit.checks.sides import synthetic_images
 from toolkit.errors import ComparisonError
 
 from .conftest import run_cli
@@ -25,8 +27,8 @@ def images_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def results(tiny_onnx, images_dir, tmp_path_factory) -> list[dict]:
-    """COCO records of the tie-free tiny model, written by toolkit.run.run."""
-    from toolkit.run import run
+    """COCO records of the tie-free tiny model, written by toolkit.tasks.run.run."""
+    from toolkit.tasks.run import run
 
     out = run(tiny_onnx, [images_dir], tmp_path_factory.mktemp("run"), draw_images=False)
     return json.loads(out.results_path.read_text())
@@ -134,8 +136,8 @@ def test_nan_scores_fire_a_sentinel(results, images_dir, tmp_path):
 
 
 def test_random_weights_raise_no_false_alarm(tmp_path):
-    from toolkit.export import export_onnx
-    from toolkit.models import build_model
+    from toolkit.export.onnx import export_onnx
+    from toolkit.models.config import build_model
 
     model = build_model("tiny", seed=0)  # untrained: the query selection is tied
     export_onnx(model, tmp_path / "random.onnx")
@@ -147,8 +149,8 @@ def test_random_weights_raise_no_false_alarm(tmp_path):
 
 
 def test_thresholds_catch_two_px_shift_of_a_small_box():
-    from toolkit.comparison import match_image
-    from toolkit.detections import Detections
+    from toolkit.checks.matching import match_image
+    from toolkit.runtime.detections import Detections
 
     boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [100.0, 50.0, 400.0, 350.0]])
     a = Detections(torch.tensor([0, 1]), boxes, torch.tensor([0.9, 0.8]))
@@ -158,7 +160,7 @@ def test_thresholds_catch_two_px_shift_of_a_small_box():
 
 
 def test_validate_names_the_first_broken_stage(tiny_model, tmp_path):
-    from toolkit.validate import validate
+    from toolkit.checks.validate import validate
 
     def shift(out):
         return {**out, "boxes": out["boxes"] + 3.0}
@@ -175,7 +177,7 @@ def test_bisect_finds_the_first_perturbed_node(tiny_onnx, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from toolkit.bisect import bisect_onnx
+    from toolkit.checks.bisect import bisect_onnx
 
     model = onnx.load(str(tiny_onnx))
     inits = {i.name: i for i in model.graph.initializer}
@@ -191,8 +193,8 @@ def test_bisect_finds_the_first_perturbed_node(tiny_onnx, tmp_path):
 def test_zero_y_bug_through_the_tensorrt_double(tiny_onnx, tmp_path, monkeypatch):
     """TensorRT 8.6 narrows orig_target_sizes to int32: a raw int64 pointer gives every y = 0; the binder's path is fine."""
     from toolkit import dtypes
-    from toolkit.build import build_engine
-    from toolkit.engine import BaseEngine
+    from toolkit.builders.build import build_engine
+    from toolkit.runtime.base import BaseEngine
     from toolkit.testing.fake_tensorrt import make_fake_tensorrt
 
     monkeypatch.setenv("RTDETR_DEPLOY_CACHE", str(tmp_path / "cache"))

@@ -114,7 +114,7 @@ def _gt_as_results(gt, shift=0.0, score=1.0):
 
 
 def test_evaluator_sanity(small_gt):
-    from toolkit.evaluate import coco_map
+    from toolkit.tasks.evaluate import coco_map
 
     perfect = coco_map(small_gt, _gt_as_results(small_gt))
     assert perfect == {"mAP": 1.0, "mAP50": 1.0, "mAP75": 1.0}
@@ -126,7 +126,7 @@ def test_evaluator_sanity(small_gt):
 
 def test_evaluator_matches_independent_reference(small_gt):
     """Noisy boxes, wrong classes, duplicates and false positives: faster-coco-eval == the reference above."""
-    from toolkit.evaluate import coco_map
+    from toolkit.tasks.evaluate import coco_map
 
     rng = np.random.default_rng(0)
     results = []
@@ -149,7 +149,7 @@ def test_evaluator_matches_independent_reference(small_gt):
 
 
 def test_evaluate_tiny_on_torch_and_onnxruntime(tiny_model, tmp_path):
-    from toolkit.evaluate import evaluate
+    from toolkit.tasks.evaluate import evaluate
 
     make_shapes_dataset(tmp_path, 0, 6, seed=9, size=128)
     report = evaluate(tiny_model, data_dir=tmp_path, backends=("torch", "onnxruntime"), device="cpu")
@@ -162,15 +162,15 @@ def test_evaluate_tiny_on_torch_and_onnxruntime(tiny_model, tmp_path):
 
 
 def test_train_steps_record_and_resume(tmp_path):
-    from toolkit.models import load_model
-    from toolkit.train import main
+    from toolkit.models.loading import load_model
+    from toolkit.tasks.train import main
 
     out = tmp_path / "run"
     assert main(["--config", "tiny", "--out", str(out), "--max-steps", "3", "--batch-size", "2", "--seconds", "300",
                  "--reserve", "0", "--eval-images", "2", "--log-every", "1", "--device", "cpu", "--no-progress"]) == 0
     rec = json.loads((out / "train_record.json").read_text())
     assert rec["steps"] == 3 and len(rec["loss_curve"]) == 3 and rec["runs"][0]["seed"] == 0
-    assert "toolkit.train" in rec["runs"][0]["command"] and "mAP" in rec["eval"]
+    assert "toolkit.tasks.train" in rec["runs"][0]["command"] and "mAP" in rec["eval"]
     assert all(np.isfinite(c["loss"]) for c in rec["loss_curve"])
     assert (out / "loss.png").is_file() or "plot" in rec
     model = load_model(str(out / "model"))  # fp16 on disk, fp32 when loaded

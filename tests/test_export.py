@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from toolkit.errors import CheckpointError, ConfigError, ExportError, InputError
-from toolkit.export import export_onnx
-from toolkit.matching import match_permutation
-from toolkit.models import build_model, load_model, save_model
+from toolkit.export.onnx import export_onnx
+from toolkit.export.permutation import match_permutation
+from toolkit.models.config import build_model
+from toolkit.models.loading import load_model, save_model
 from toolkit.signature import PreprocessSpec
-from toolkit.verify import verify_onnx
+from toolkit.export.verify import verify_onnx
 
 from .conftest import run_cli
 
@@ -27,7 +28,7 @@ def _ort(path, images, sizes):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_one_dynamic_file_matches_torch_at_batch_1_and_3(tiny_model, tiny_onnx, batch):
-    from toolkit.verify import verification_images
+    from toolkit.export.verify import verification_images
 
     images = verification_images(batch, (128, 128), seed=11)
     sizes = torch.tensor([[640, 480], [128, 128], [1000, 90]][:batch])
@@ -91,7 +92,7 @@ def test_letterbox_boxes_map_back_to_original_pixels(tmp_path):
     """A box covering the whole letterboxed content maps to the whole original image."""
     model = build_model("tiny", seed=0)
     model.preprocess = PreprocessSpec(size=(128, 128), resize="letterbox")
-    from toolkit.contract import postprocess
+    from toolkit.models.contract import postprocess
 
     w, h = 640, 320  # content occupies 128x64 centred: rows 32..96
     logits = torch.full((1, 1, 4), 5.0)
@@ -107,7 +108,7 @@ def test_preprocess_travels_with_the_file(tiny_onnx):
 
 
 def test_lints_name_int64_and_gridsample(tiny_onnx):
-    from toolkit.export import lint
+    from toolkit.export.onnx import lint
     from toolkit.signature import from_onnx
 
     notes = lint(onnx.load(str(tiny_onnx)), from_onnx(tiny_onnx))
@@ -171,7 +172,7 @@ def test_opset_the_exporter_cannot_do_leaves_nothing(tmp_path):
 
 
 def test_image_file_that_is_not_an_image(tmp_path):
-    from toolkit.preprocessing import read_image
+    from toolkit.runtime.preprocessing import read_image
 
     (tmp_path / "x.png").write_text("not an image")
     with pytest.raises(InputError, match="not a readable image"):

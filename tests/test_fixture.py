@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.demo import FIXTURE_DIR, fixture_path
-from toolkit.export import export_onnx
+from toolkit.tasks.demo import FIXTURE_DIR, fixture_path
+from toolkit.export.onnx import export_onnx
 
 from tests.conftest import shifted_engine
 
@@ -55,7 +55,7 @@ def test_fp16_graph_keeps_fp32_io_and_postprocess(fixture_onnx):
 
 
 def test_fp16_and_fp32_engines_agree_and_a_2px_shift_does_not(fixture_onnx, tmp_path):
-    from toolkit.comparison import compare
+    from toolkit.checks.compare import compare
 
     fp32, fp16 = (r.path for r in fixture_onnx)
     a, b = toolkit.load(fp32, device="cpu"), toolkit.load(fp16, device="cpu")
@@ -68,7 +68,7 @@ def test_fp16_and_fp32_engines_agree_and_a_2px_shift_does_not(fixture_onnx, tmp_
 
 
 def test_fixture_map_agrees_across_backends():
-    from toolkit.evaluate import evaluate
+    from toolkit.tasks.evaluate import evaluate
 
     report = evaluate(FIXTURE_DIR, synthetic=40, backends=("torch", "onnxruntime"), device="cpu")
     assert report.agree

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.matching import match_permutation
+from toolkit.export.permutation import match_permutation
 
 pytestmark = pytest.mark.gpu
 
 
 def _ort_cuda(path):
-    from toolkit.backends.onnxruntime import cuda_available
+    from toolkit.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (stage onnxruntime-gpu: shared/device/README.md)")

@@ -17,9 +17,9 @@ import torch
 
 from tests.conftest import run_cli
 from toolkit.errors import CheckpointError, ConfigError
-from toolkit.models import build_model, load_config, load_model
-from toolkit.official import (OFFICIAL_CONFIGS, inference_parameter_count, infer_config, load_official_checkpoint,
-                              official_key, plan_load, remap_state_dict)
+from toolkit.models.config import build_model, load_config
+from toolkit.models.loading import load_model
+from toolkit.models.official import OFFICIAL_CONFIGS, inference_parameter_count, infer_config, load_official_checkpoint, official_key, plan_load, remap_state_dict
 
 MANIFESTS = Path(__file__).parent / "data" / "official_manifests"
 PUBLISHED_PARAMS_M = {"r18vd": 20, "r34vd": 31, "r50vd_m": 36, "r50vd": 42, "r101vd": 76}  # RT-DETR / RT-DETRv2 papers
@@ -146,7 +146,7 @@ def test_r18_exports_and_runs_in_onnxruntime(r18_checkpoints, name, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from toolkit.export import export_onnx
+    from toolkit.export.onnx import export_onnx
 
     path, _ = r18_checkpoints[name]
     # load_model: official keys, no config; 256x256 (anchors regenerated) keeps the CPU time of the verification down

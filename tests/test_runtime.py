@@ -10,7 +10,7 @@ import torch
 
 import toolkit
 from toolkit.errors import BindingError, EngineError
-from toolkit.matching import match_permutation
+from toolkit.export.permutation import match_permutation
 
 from .conftest import run_cli
 
@@ -104,7 +104,7 @@ def test_missing_engine_file_and_wrong_backend(tmp_path, tiny_onnx):
 def test_run_cli_writes_coco_results_and_pictures(tiny_onnx, tmp_path):
     from torchvision.io import write_png
 
-    from toolkit.verify import verification_images
+    from toolkit.export.verify import verification_images
 
     imgs = (verification_images(2, (96, 160), seed=3) * 255).to(torch.uint8)
     for i, im in enumerate(imgs):
@@ -120,7 +120,7 @@ def test_run_cli_writes_coco_results_and_pictures(tiny_onnx, tmp_path):
     assert (out / "img0.det.png").is_file() and (out / "img1.det.png").is_file()
     # COCO bbox [x,y,w,h] agrees with the engine's xyxy boxes for the same image
     engine = toolkit.load(tiny_onnx, device="cpu")
-    from toolkit.run import infer_images
+    from toolkit.tasks.run import infer_images
 
     dets = infer_images(engine, [tmp_path / "img0.png"])[0]
     x1, y1, x2, y2 = dets.boxes_xyxy[0].tolist()

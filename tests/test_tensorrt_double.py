@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.build import BuildError, build_engine
+from toolkit.builders.build import BuildError, build_engine
 from toolkit.errors import BindingError, EngineError, MissingDependencyError
-from toolkit.sidecar import sidecar_path
+from toolkit.runtime.sidecar import sidecar_path
 from toolkit.testing import make_fake_tensorrt
 
 VERSIONS = ("8.6", "10", "11")
@@ -262,7 +262,7 @@ def test_profile_set_shape_and_missing_library():
     profile = fake.Builder(fake.Logger()).create_optimization_profile()
     with pytest.raises(RuntimeError, match="inconsistent"):
         profile.set_shape("images", (4, 3), (2, 3), (8, 3))
-    from toolkit.backends.tensorrt import import_tensorrt
+    from toolkit.runtime.backends.tensorrt import import_tensorrt
 
     if any(importlib.util.find_spec(n) for n in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")):
         pytest.skip("a TensorRT module is installed here")
@@ -395,7 +395,7 @@ def test_api_surface_list_is_complete_and_the_double_implements_it():
 
 
 def test_import_toolkit_stays_light():
-    code = ("import sys, toolkit, toolkit.build, toolkit.testing, toolkit.backends.tensorrt; "
+    code = ("import sys, toolkit, toolkit.builders.build, toolkit.testing, toolkit.runtime.backends.tensorrt; "
             "print(sorted(m for m in ('tensorrt', 'onnxruntime', 'tensorrt_rtx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.build import BuildError
-from toolkit.engine import detect_backend
+from toolkit.builders.build import BuildError
+from toolkit.runtime.engine import detect_backend
 from toolkit.errors import EngineError
-from toolkit.matching import match_permutation
-from toolkit.sidecar import sidecar_path
+from toolkit.export.permutation import match_permutation
+from toolkit.runtime.sidecar import sidecar_path
 
 HINT = "pip install 'rtdetr-deploy[torch-tensorrt]'"
 
@@ -47,7 +47,7 @@ def test_suffix_selects_the_backend():
 
 
 def test_build_without_the_library(tiny_model, tmp_path, no_torch_tensorrt):
-    from toolkit.build.torch_tensorrt import build_torch_tensorrt
+    from toolkit.builders.torch_tensorrt import build_torch_tensorrt
 
     with pytest.raises(BuildError, match=r"Torch-TensorRT is not installed.*" + HINT.replace("[", r"\[")):
         build_torch_tensorrt(tiny_model, tmp_path / "m.ep", progress=False)
@@ -56,8 +56,8 @@ def test_build_without_the_library(tiny_model, tmp_path, no_torch_tensorrt):
 
 def test_build_refusals(tiny_model, tiny_onnx, tmp_path, monkeypatch):
     """Options are checked before the library is imported, the device right after it."""
-    from toolkit.build import build_engine
-    from toolkit.build.torch_tensorrt import build_torch_tensorrt
+    from toolkit.builders.build import build_engine
+    from toolkit.builders.torch_tensorrt import build_torch_tensorrt
 
     with pytest.raises(BuildError, match="precision must be one of"):
         build_torch_tensorrt(tiny_model, tmp_path / "m.ep", precision="int8")
@@ -117,7 +117,7 @@ def _needs_torch_tensorrt():
 @pytest.fixture(scope="module")
 def tiny_ep(tiny_model, tmp_path_factory):
     _needs_torch_tensorrt()
-    from toolkit.build.torch_tensorrt import build_torch_tensorrt
+    from toolkit.builders.torch_tensorrt import build_torch_tensorrt
 
     path = tmp_path_factory.mktemp("torch_tensorrt") / "tiny.ep"
     return build_torch_tensorrt(tiny_model, path, batch=(1, 2, 4), progress=False)
@@ -128,7 +128,7 @@ def tiny_ep(tiny_model, tmp_path_factory):
 def test_tiny_parity_with_eager(tiny_ep, tiny_model, sample_images):
     import torch_tensorrt
 
-    from toolkit.sidecar import read_sidecar
+    from toolkit.runtime.sidecar import read_sidecar
 
     meta = read_sidecar(tiny_ep)
     assert meta["backend"] == "torch-tensorrt" and meta["precision"] == "fp32" and meta["compute_capability"]
@@ -153,7 +153,7 @@ def test_tiny_parity_with_eager(tiny_ep, tiny_model, sample_images):
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_second_build_comes_from_the_cache(tiny_ep, tiny_model, tmp_path):
-    from toolkit.build.torch_tensorrt import build_torch_tensorrt
+    from toolkit.builders.torch_tensorrt import build_torch_tensorrt
 
     again = build_torch_tensorrt(tiny_model, tmp_path / "again.ep", batch=(1, 2, 4), progress=False)
     assert again.read_bytes() == tiny_ep.read_bytes()
@@ -164,8 +164,8 @@ def test_second_build_comes_from_the_cache(tiny_ep, tiny_model, tmp_path):
 def test_fp16_trained_fixture(tmp_path):
     """fp16 on the trained fixture (the tie-free tiny test model overflows in fp16), judged as users see it."""
     _needs_torch_tensorrt()
-    from toolkit.build.torch_tensorrt import build_torch_tensorrt
-    from toolkit.demo import fixture_path
+    from toolkit.builders.torch_tensorrt import build_torch_tensorrt
+    from toolkit.tasks.demo import fixture_path
 
     path = build_torch_tensorrt(fixture_path(), tmp_path / "shapes_fp16.ep", precision="fp16", batch=(1, 2, 4), progress=False)
     engine = toolkit.load(path)

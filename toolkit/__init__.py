@@ -14,13 +14,13 @@ _EXPORTS = {
     "TensorSpec": "signature", "Signature": "signature", "PreprocessSpec": "signature",
     "BindingError": "errors", "ToolkitError": "errors", "ExportError": "errors", "EngineError": "errors",
     "ConfigError": "errors", "CheckpointError": "errors", "InputError": "errors",
-    "Binder": "binding",
-    "load_model": "models", "build_model": "models", "available_configs": "models",
-    "preprocess": "preprocessing", "read_image": "preprocessing",
-    "export_onnx": "export",
-    "inspect_file": "inspect",
-    "load": "engine", "Engine": "engine",
-    "compare": "comparison", "CompareReport": "comparison",
+    "Binder": "runtime.binding",
+    "load_model": "models.loading", "build_model": "models.config", "available_configs": "models.config",
+    "preprocess": "runtime.preprocessing", "read_image": "runtime.preprocessing",
+    "export_onnx": "export.onnx",
+    "inspect_file": "tasks.inspect",
+    "load": "runtime.engine", "Engine": "runtime.base",
+    "compare": "checks.compare", "CompareReport": "checks.report",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -57,7 +57,7 @@ def export(
     precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
 ) -> None:
     """Export a model behind the deploy contract to a verified ONNX file."""
-    from .export import export_onnx
+    from .export.onnx import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
                          sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision)
@@ -84,7 +84,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print an artifact's I/O signature and metadata; warn on int64 inputs."""
-    from .inspect import inspect_file
+    from .tasks.inspect import inspect_file
 
     report = inspect_file(file)
     if as_json:
@@ -113,7 +113,7 @@ def run(
     batch_size: int = typer.Option(8, help="Images per engine call."),
 ) -> None:
     """Run a model on images; write detections.json (COCO results) and annotated images."""
-    from .run import run as run_images
+    from .tasks.run import run as run_images
 
     options = {"config": config} if config else {}
     result = run_images(model, images, output, backend=backend, device=device, score_threshold=score_threshold,
@@ -136,7 +136,7 @@ def compare(
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Store A's inputs and outputs as a reference bundle."),
 ) -> None:
     """Compare two backends as detectors; exit 1 when they disagree or a sentinel fires."""
-    from .comparison import compare as compare_backends
+    from .checks.compare import compare as compare_backends
 
     result = compare_backends(a, b, images, score_threshold=score_threshold, report_dir=report, backend_a=backend_a,
                               backend_b=backend_b, device_a=device_a, device_b=device_b, save_reference_dir=save_reference)
@@ -156,7 +156,7 @@ def validate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.json and report.md here."),
 ) -> None:
     """Run every stage (preprocess, torch, ONNX Runtime, built engines) and name the first broken one; exit 1 then."""
-    from .validate import validate as validate_stages
+    from .checks.validate import validate as validate_stages
 
     result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config)
     if report is not None:
@@ -180,7 +180,7 @@ def build(
     device: Optional[str] = typer.Option(None, help="aoti: cpu or cuda (default: the GPU if present)."),
 ) -> None:
     """Build a TensorRT / TensorRT-RTX engine from an ONNX file, or an AOTInductor .pt2 (from the ONNX's model or --model)."""
-    from .build import MODEL_BUILDERS, build_engine, build_from_model
+    from .builders.build import MODEL_BUILDERS, build_engine, build_from_model
     from .errors import InputError
 
     try:
@@ -243,7 +243,8 @@ def bench(
     aoti_config: List[str] = typer.Option([], "--aoti-config", help="KEY=VALUE torch._inductor option for the AOTInductor builds (repeatable), e.g. freezing=1."),
 ) -> None:
     """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
-    from .bench import TABLE_HEADER, bench as run_bench, table_rows
+    from .tasks.bench import bench as run_bench
+    from .tasks.bench_report import TABLE_HEADER, table_rows
 
     choices = {"off": (False,), "on": (True,), "both": (False, True)}
     if cuda_graphs not in choices:
@@ -283,7 +284,7 @@ def eval_(
 ) -> None:
     """COCO mAP on every backend, one row each; exit 1 if the backends disagree by more than the tolerance."""
     from .atomic import write_text
-    from .evaluate import evaluate
+    from .tasks.evaluate import evaluate
 
     if data is None and synthetic is None:
         synthetic = 500
@@ -302,7 +303,7 @@ def demo(
     eval_images: int = typer.Option(100, help="Synthetic images for the COCO evaluation."),
 ) -> None:
     """The whole toolkit on the shipped trained fixture: export, verify, build, run, compare, eval, report."""
-    from .demo import demo as run_demo
+    from .tasks.demo import demo as run_demo
 
     report = run_demo(output, device=device, eval_images=eval_images, say=lambda line: console.print(line, highlight=False))
     console.print(report.eval_table, highlight=False)

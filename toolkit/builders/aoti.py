@@ -1,9 +1,9 @@
 """Build an AOTInductor package (``.pt2``) from a model: ``torch.export`` then ``aoti_compile_and_package``.
 
 AOTInductor compiles from the torch model, not from ONNX: :func:`build_aoti` takes anything
-:func:`toolkit.models.load_model` accepts. The package has a dynamic batch in ``[min, max]`` (one
+:func:`toolkit.models.loading.load_model` accepts. The package has a dynamic batch in ``[min, max]`` (one
 package serves every batch size of the range) and a sidecar ``MODEL.pt2.json`` that records what
-:mod:`toolkit.backends.aoti` needs to run or refuse it: device type (and GPU, compute capability),
+:mod:`toolkit.runtime.backends.aoti` needs to run or refuse it: device type (and GPU, compute capability),
 precision, batch range, the deploy signature and the class names.
 
 Dynamic batch: two spots of transformers' RT-DETR forward pin the symbolic batch to the example's
@@ -14,7 +14,7 @@ with the batch in the channel dim (the upsample's ``n_channels < 4`` heuristic g
 changing any value the model computes.
 
 ``precision="fp16"`` puts the network body in half precision; the deploy postprocess (sigmoid, top-K,
-box scaling) stays fp32 since :func:`toolkit.contract.postprocess` casts logits and boxes to float.
+box scaling) stays fp32 since :func:`toolkit.models.contract.postprocess` casts logits and boxes to float.
 I/O is fp32 images / int64 sizes either way.
 """
 
@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from ..atomic import check_output_path
-from ..contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..errors import ExportError
-from ..models import load_model, weights_sha256
+from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..models.loading import load_model
+from ..models.weights import weights_sha256
 from ..numerics import tf32
-from ..sidecar import sidecar_path, write_sidecar
+from ..runtime.sidecar import sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION
-from . import BuildError, _copy, cache_dir
+from .build import BuildError, _copy, cache_dir
 
 DEVICES = ("cpu", "cuda")
 
@@ -168,9 +169,9 @@ def build_aoti(
     """Compile ``model`` to an AOTInductor package at ``output`` (``.pt2``) plus its sidecar; returns the path.
 
     ``cache``: reuse a package built before from the same weights, options, torch version and GPU
-    (the engine cache of :func:`toolkit.build.cache_dir`); compiles take minutes, a hit takes a copy.
+    (the engine cache of :func:`toolkit.builders.build.cache_dir`); compiles take minutes, a hit takes a copy.
 
-    ``model``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file).
+    ``model``: anything :func:`toolkit.models.loading.load_model` accepts (``config`` for a weights file).
     ``batch``: (min, opt, max) of the dynamic batch; the package runs any batch in [min, max].
     ``device``: "cpu" or "cuda" (a CUDA package runs only on CUDA GPUs of the compute capability it was
     built on). ``inductor_configs``: extra ``torch._inductor`` options for the compile (e.g.

@@ -1,6 +1,6 @@
 """Build deployable engines from a verified ONNX file, with an engine cache.
 
-:func:`build_engine` dispatches through :data:`BUILDERS` (backend -> module in :mod:`toolkit.build`) for
+:func:`build_engine` dispatches through :data:`BUILDERS` (backend -> module in :mod:`toolkit.builders.build`) for
 builders that compile the ONNX graph (TensorRT, TensorRT-RTX), and through :data:`MODEL_BUILDERS` for those
 that compile the torch model (AOTInductor, Torch-TensorRT: :func:`build_from_model`; from an ONNX file, the
 model it was exported from, :func:`model_for_onnx`; they keep their own build cache). An ONNX builder module
@@ -31,10 +31,10 @@ from typing import Any
 
 from ..atomic import atomic_path, check_output_path
 from ..errors import EngineError, InputError
-from ..sidecar import read_sidecar, sidecar_path
+from ..runtime.sidecar import read_sidecar, sidecar_path
 from ..signature import Signature
 
-# backend name -> module in toolkit.build
+# backend name -> module in toolkit.builders.build
 BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt"}
 # backends that compile the torch model rather than the ONNX graph: backend -> (module, function(model, output, **options) -> Path)
 MODEL_BUILDERS = {"aoti": ("aoti", "build_aoti"), "torch-tensorrt": ("torch_tensorrt", "build_torch_tensorrt")}
@@ -79,15 +79,15 @@ def file_sha256(path: str | Path) -> str:
 def build_from_model(model: Any, output: str | Path, *, backend: str = "aoti", device: str | None = None,
                      **options: Any) -> BuildResult:
     """Build for a backend that compiles the torch model (:data:`MODEL_BUILDERS`) from anything
-    :func:`toolkit.models.load_model` accepts; ``options`` go to the backend's builder (precision, batch,
+    :func:`toolkit.models.loading.load_model` accepts; ``options`` go to the backend's builder (precision, batch,
     progress, cache, config...). ``device``: default the GPU if present."""
     if backend not in MODEL_BUILDERS:
-        raise BuildError(f"backend {backend!r} builds from an ONNX file (toolkit.build.build_engine); "
+        raise BuildError(f"backend {backend!r} builds from an ONNX file (toolkit.builders.build.build_engine); "
                          f"builds from a model: {', '.join(MODEL_BUILDERS)}")
     import torch
 
     module_name, function = MODEL_BUILDERS[backend]
-    builder = getattr(import_module(f".{module_name}", __name__), function)
+    builder = getattr(import_module(f".{module_name}", __package__), function)
     start = time.perf_counter()
     path = builder(model, output, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **options)
     meta = read_sidecar(path)
@@ -104,7 +104,8 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
     import onnx
 
     from ..errors import ToolkitError
-    from ..models import load_model, weights_sha256
+    from ..models.loading import load_model
+    from ..models.weights import weights_sha256
 
     try:
         meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
@@ -121,7 +122,7 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
         raise BuildError(f"{onnx_path} was exported from {source}, which cannot be loaded here ({e}); {hint}") from None
     size = tuple(json.loads(meta.get("input_size", "null")) or deploy.preprocess.size)
     if size != tuple(deploy.preprocess.size):
-        from ..export import _resize_model
+        from ..export.onnx import _resize_model
 
         deploy = _resize_model(deploy, size)  # type: ignore[arg-type]
     if meta.get("weights_sha256") != weights_sha256(deploy):
@@ -177,7 +178,7 @@ def build_engine(
             raise BuildError(f"workspace and timing cache are TensorRT build options; the {backend} backend takes neither")
         return build_from_model(model_for_onnx(onnx_path), output, backend=backend, precision=precision, batch=batch,
                                 device=device, progress=progress, cache=cache)
-    module = import_module(f".{BUILDERS[backend]}", __name__)
+    module = import_module(f".{BUILDERS[backend]}", __package__)
     options = {"trt_module": trt_module} if trt_module is not None else {}
     start = time.perf_counter()
     onnx_sha = file_sha256(onnx_path)

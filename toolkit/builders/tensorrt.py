@@ -21,11 +21,18 @@ from typing import Any
 
 from .. import dtypes
 from ..atomic import atomic_path, write_bytes
-from ..backends.tensorrt import format_log, import_tensorrt, library_name, library_version, make_logger, running_gpu
 from ..errors import MissingDependencyError
-from ..sidecar import write_sidecar
+from ..runtime.backends.tensorrt import (
+    format_log,
+    import_tensorrt,
+    library_name,
+    library_version,
+    make_logger,
+    running_gpu,
+)
+from ..runtime.sidecar import write_sidecar
 from ..signature import INPUT_SIZES, Signature, TensorSpec, from_onnx
-from . import BuildError, BuildResult
+from .build import BuildError, BuildResult
 
 _MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
 
@@ -141,9 +148,9 @@ def build(
     trt_module: Any = None,
     onnx_sha256: str | None = None,
 ) -> BuildResult:
-    """Build ``onnx_path`` into ``output`` and write its sidecar; see :func:`toolkit.build.build_engine`."""
+    """Build ``onnx_path`` into ``output`` and write its sidecar; see :func:`toolkit.builders.build.build_engine`."""
     from .. import __version__
-    from . import file_sha256
+    from .build import file_sha256
 
     trt = _import(backend, trt_module)
     rtx = backend == "tensorrt-rtx"

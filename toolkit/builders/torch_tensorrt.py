@@ -1,17 +1,17 @@
 """Build a Torch-TensorRT program (``.ep``) from a model: ``torch.export``, ``torch_tensorrt.compile``, ``torch_tensorrt.save``.
 
-Like AOTInductor (:mod:`toolkit.build.aoti`), Torch-TensorRT compiles the torch model, not the ONNX file:
-:func:`build_torch_tensorrt` takes anything :func:`toolkit.models.load_model` accepts. The model is exported
+Like AOTInductor (:mod:`toolkit.builders.aoti`), Torch-TensorRT compiles the torch model, not the ONNX file:
+:func:`build_torch_tensorrt` takes anything :func:`toolkit.models.loading.load_model` accepts. The model is exported
 with the same dynamic-batch workarounds as AOTInductor, then the dynamo path turns the subgraphs TensorRT
 supports (at least ``min_block_size`` ops each) into TensorRT engines and leaves the rest to PyTorch. The result
 is saved as an ExportedProgram: ``MODEL.ep`` (the Torch-TensorRT convention), plus a sidecar ``MODEL.ep.json``.
 
 The engines inside hold device code for one GPU architecture and one TensorRT version: the sidecar records
-the compute capability and the Torch-TensorRT/TensorRT versions, and :mod:`toolkit.backends.torch_tensorrt`
+the compute capability and the Torch-TensorRT/TensorRT versions, and :mod:`toolkit.runtime.backends.torch_tensorrt`
 refuses the program anywhere else.
 
 Precision: since Torch-TensorRT 2.11 the dynamo path types layers explicitly from the model (2.14 has no
-``enabled_precisions`` for it at all), so fp16/bf16 come from a half model: :class:`~toolkit.contract.ReducedPrecision`
+``enabled_precisions`` for it at all), so fp16/bf16 come from a half model: :class:`~toolkit.models.contract.ReducedPrecision`
 puts the network body in half precision while the postprocess stays fp32. I/O is fp32 images / int64 sizes
 either way. fp32 layers are built without TF32, like the exact-fp32 eager reference.
 """
@@ -25,12 +25,20 @@ from typing import Any
 import torch
 
 from ..atomic import check_output_path
-from ..backends.torch_tensorrt import INSTALL_HINT, tensorrt_version
-from ..contract import PRECISIONS, ReducedPrecision
-from ..models import load_model
-from ..sidecar import write_sidecar
-from . import BuildError, cache_dir
-from .aoti import _cache_key, _check_batch, _example_inputs, _export_and_compile, _from_cache, _sidecar_info, _to_cache
+from ..models.contract import PRECISIONS, ReducedPrecision
+from ..models.loading import load_model
+from ..runtime.backends.torch_tensorrt import INSTALL_HINT, tensorrt_version
+from ..runtime.sidecar import write_sidecar
+from .aoti import (
+    _cache_key,
+    _check_batch,
+    _example_inputs,
+    _export_and_compile,
+    _from_cache,
+    _sidecar_info,
+    _to_cache,
+)
+from .build import BuildError, cache_dir
 
 SUFFIX = ".ep"
 
@@ -90,12 +98,12 @@ def build_torch_tensorrt(
 ) -> Path:
     """Compile ``model`` with Torch-TensorRT to ``output`` (``.ep``) plus its sidecar; returns the path.
 
-    ``model``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file).
+    ``model``: anything :func:`toolkit.models.loading.load_model` accepts (``config`` for a weights file).
     ``batch``: (min, opt, max); the program runs any batch in [min, max], TensorRT tunes for opt.
     ``device``: a CUDA device; the program runs only on GPUs of its compute capability, with the same
     Torch-TensorRT and TensorRT versions. ``min_block_size``: the fewest supported ops worth a TensorRT
     engine (smaller runs stay in PyTorch). ``cache``: reuse a program built before from the same weights,
-    options, versions and GPU architecture (:func:`toolkit.build.cache_dir`).
+    options, versions and GPU architecture (:func:`toolkit.builders.build.cache_dir`).
     """
     output = check_output_path(output)
     if output.suffix != SUFFIX:

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InputError
-from .signature import INPUT_IMAGES, INPUT_SIZES
+from ..errors import InputError
+from ..signature import INPUT_IMAGES, INPUT_SIZES
 
 
 @dataclass
@@ -97,14 +97,14 @@ def bisect_onnx(onnx_a: str | Path, onnx_b_or_torch_model: Any, images: Sequence
     ``atol + rtol * max|a|`` (integer tensors must be equal).
 
     ``images``: image files (preprocessed with graph A's preprocessing), an ``images`` tensor [N,3,H,W],
-    or None for the synthetic images of :func:`toolkit.comparison.synthetic_images`. Raise the tolerances for
+    or None for the synthetic images of :func:`toolkit.checks.sides.synthetic_images`. Raise the tolerances for
     fp32 vs fp16 graphs (``rtol=5e-2``).
     """
     import numpy as np
 
-    from .comparison import synthetic_images
-    from .preprocessing import list_images, preprocess
-    from .signature import from_onnx
+    from ..runtime.preprocessing import list_images, preprocess
+    from ..signature import from_onnx
+    from .sides import synthetic_images
 
     path_a = Path(onnx_a)
     if not path_a.is_file():
@@ -112,7 +112,7 @@ def bisect_onnx(onnx_a: str | Path, onnx_b_or_torch_model: Any, images: Sequence
     spec = from_onnx(path_a).preprocess
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(onnx_b_or_torch_model, torch.nn.Module):
-            from .export import export_onnx
+            from ..export.onnx import export_onnx
 
             path_b = Path(tmp) / "torch_export.onnx"
             export_onnx(onnx_b_or_torch_model, path_b, verify=False)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .detections import Detections
+from ..runtime.detections import Detections
 
 FAR_OUTSIDE = 1.0  # boxes may reach this many image sizes beyond the image (sigmoid cxcywh reaches 0.5)
 

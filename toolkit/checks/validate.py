@@ -2,10 +2,10 @@
 
 Stages, in order: ``preprocess`` (finite, in the declared value range, sizes equal to the decoded
 images, deterministic), ``torch`` (eager; sentinels only, it is the reference), ``onnxruntime`` (the file
-written by :func:`toolkit.export.export_onnx`), then each further backend built by ``toolkit.build`` when
+written by :func:`toolkit.export.onnx.export_onnx`), then each further backend built by ``toolkit.builders.build`` when
 that module is importable and the backend's library is installed (otherwise the stage is listed as
 skipped with the reason). Every model stage is compared with the one before and with torch by
-:func:`toolkit.comparison.judge`. ``perturb`` breaks a stage on purpose (tests, demos): a callable per stage
+:func:`toolkit.checks.compare.judge`. ``perturb`` breaks a stage on purpose (tests, demos): a callable per stage
 name applied to that stage's output (``{images, orig_target_sizes}`` for ``preprocess``, ``{labels,
 boxes, scores}`` for a model stage).
 """
@@ -20,19 +20,23 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from .atomic import write_text
-from .comparison import CompareReport, Side, Thresholds, _replay, judge, synthetic_images
-from .detections import split_batch
-from .engine import BaseEngine, load
-from .errors import InputError, MissingDependencyError, ToolkitError
+from ..atomic import write_text
+from ..errors import InputError, MissingDependencyError, ToolkitError
+from ..runtime.base import BaseEngine
+from ..runtime.detections import split_batch
+from ..runtime.engine import load
+from ..signature import INPUT_IMAGES, INPUT_SIZES
+from .compare import judge
+from .matching import Thresholds
+from .report import CompareReport
 from .sentinels import check_outputs
-from .signature import INPUT_IMAGES, INPUT_SIZES
+from .sides import Side, _replay, synthetic_images
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 REPORT_FORMAT = "rtdetr-deploy/validate/1"
-BUILT_BACKENDS = {"aoti": ".pt2", "tensorrt": ".engine"}  # built by toolkit.build from the ONNX file
+BUILT_BACKENDS = {"aoti": ".pt2", "tensorrt": ".engine"}  # built by toolkit.builders.build from the ONNX file
 Perturb = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -130,13 +134,13 @@ def _build(name: str, model: Any, onnx_path: Path, workdir: Path, trt_module: An
     """(engine, "") or (None, why it is skipped): TensorRT from the ONNX file, AOTInductor from the model."""
     try:
         if name == "aoti":
-            from .build import build_from_model
+            from ..builders.build import build_from_model
 
             built = build_from_model(model, workdir / "model.pt2")
             return load(built.path, backend="aoti"), ""
-        from .build import build_engine
+        from ..builders.build import build_engine
     except ImportError as e:
-        return None, f"toolkit.build cannot build {name} here ({e})"
+        return None, f"toolkit.builders.build cannot build {name} here ({e})"
     options = {"trt_module": trt_module} if trt_module is not None else {}
     try:
         built = build_engine(onnx_path, workdir / f"model{BUILT_BACKENDS[name]}", backend=name, **options)
@@ -159,14 +163,14 @@ def validate(
 ) -> ValidateReport:
     """Run every stage of the deployment path on the same images and judge each; see the module docstring.
 
-    ``checkpoint``: anything :func:`toolkit.models.load_model` accepts (``config`` for a weights file or a
+    ``checkpoint``: anything :func:`toolkit.models.loading.load_model` accepts (``config`` for a weights file or a
     config name with random weights). ``workdir`` keeps the exported and built files (a temporary
     directory, deleted afterwards, when None). The torch stage always runs: it is the reference. ``trt_module``
     injects a TensorRT module (e.g. :func:`toolkit.testing.fake_tensorrt.make_fake_tensorrt`).
     """
-    from .export import export_onnx
-    from .models import load_model
-    from .preprocessing import list_images, preprocess, read_image
+    from ..export.onnx import export_onnx
+    from ..models.loading import load_model
+    from ..runtime.preprocessing import list_images, preprocess, read_image
 
     unknown = [b for b in backends if b not in ("torch", "onnxruntime", *BUILT_BACKENDS)]
     if unknown:

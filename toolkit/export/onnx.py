@@ -2,7 +2,7 @@
 
 The file is written atomically, checked by ``onnx.checker``, carries its metadata (toolkit version,
 config, input size, class names, preprocessing, contract version) and is verified in ONNX Runtime
-against torch before the call returns (see :mod:`toolkit.verify`).
+against torch before the call returns (see :mod:`toolkit.export.verify`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,20 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import atomic_path, check_output_path
-from .contract import PRECISIONS, DeployModel, ReducedPrecision
-from .errors import ExportError
-from .models import load_model, weights_sha256
-from .signature import CONTRACT_VERSION, INPUT_IMAGES, INPUT_SIZES, OUTPUTS, Signature, from_onnx
+from .. import __version__
+from ..atomic import atomic_path, check_output_path
+from ..errors import ExportError
+from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..models.loading import load_model
+from ..models.weights import weights_sha256
+from ..signature import (
+    CONTRACT_VERSION,
+    INPUT_IMAGES,
+    INPUT_SIZES,
+    OUTPUTS,
+    Signature,
+    from_onnx,
+)
 from .verify import VerifyReport, verify_onnx
 
 DEFAULT_OPSET = 17
@@ -88,7 +96,7 @@ def export_onnx(
     verify: bool = True,
     precision: str = "fp32",
 ) -> ExportResult:
-    """Export ``model`` (anything :func:`toolkit.models.load_model` accepts) to a verified ONNX file at ``output``.
+    """Export ``model`` (anything :func:`toolkit.models.loading.load_model` accepts) to a verified ONNX file at ``output``.
 
     ``precision="fp16"`` (or ``"bf16"``) exports the network body in half precision while the I/O, the
     sigmoid, top-K and box scaling stay fp32: reduced precision as a property of the graph, which is what

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .contract import PRECISIONS, DeployModel, ReducedPrecision
-from .matching import match_permutation
-from .numerics import tf32
-from .signature import INPUT_IMAGES, INPUT_SIZES
+from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..numerics import tf32
+from ..signature import INPUT_IMAGES, INPUT_SIZES
+from .permutation import match_permutation
 
 # Tolerances per precision of the graph body (torch and ORT both run the body in that precision).
 # fp32: reorderings of float32 sums stay far below these. fp16/bf16: a few units in the last place of a
@@ -184,6 +184,6 @@ def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtyp
                f"scores closer than {precision} rounding can separate")
         notes.append(f"the encoder's query selection is tied at its top-K boundary ({why}): torch and ORT may pick "
                      "different queries, so final outputs were not compared elementwise; "
-                     + ("use trained weights (or toolkit.models.make_tie_free_) for an end-to-end check" if precision == "fp32"
+                     + ("use trained weights (or toolkit.models.config.make_tie_free_) for an end-to-end check" if precision == "fp32"
                         else "compare it detection by detection with toolkit.compare (rtdetr-deploy compare)"))
     return VerifyReport(ok=not any(c.problems for c in checks), checks=checks, notes=notes)

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .signature import PreprocessSpec, Signature, deploy_signature
+from ..errors import ConfigError
+from ..signature import PreprocessSpec, Signature, deploy_signature
 
 _LOGIT_KEYS = ("pred_logits", "logits")  # official naming, transformers naming
 

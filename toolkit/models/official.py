@@ -21,9 +21,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError
+from .config import ModelConfig, build_model, hf_config, load_config
 from .contract import DeployModel
-from .errors import CheckpointError, ConfigError
-from .models import ModelConfig, _read_state_dict, build_model, hf_config, load_config
+from .weights import _read_state_dict
 
 OFFICIAL_CONFIGS = tuple(f"{prefix}_{backbone}" for prefix in ("rtdetr", "rtdetrv2")
                          for backbone in ("r18vd", "r34vd", "r50vd_m", "r50vd", "r101vd"))

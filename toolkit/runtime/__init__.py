@@ -2,6 +2,6 @@
 ``Engine`` protocol and :func:`toolkit.runtime.engine.load`, CUDA graphs, preprocessing, detections, sidecars
 and ``backends/`` (one module per backend, picked by name through the registry in ``engine.py``).
 
-May import: ``models`` (the eager torch backend builds a deploy model), ``export`` (nothing today) and the
+May import: ``models`` (the eager torch backend builds a deploy model) and the
 top-level helpers. Not ``builders``, ``checks`` or ``tasks``.
 """

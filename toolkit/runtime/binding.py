@@ -23,9 +23,9 @@ from typing import Any, Mapping
 
 import torch
 
-from . import dtypes
-from .errors import BindingError
-from .signature import INPUT_IMAGES, Signature, TensorSpec
+from .. import dtypes
+from ..errors import BindingError
+from ..signature import INPUT_IMAGES, Signature, TensorSpec
 
 CAST_POLICIES = ("safe", "none", "unsafe")
 _FLOAT_WIDENING = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),

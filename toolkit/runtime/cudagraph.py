@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from ..errors import EngineError
+from .base import BaseEngine
 from .binding import BoundInputs
-from .engine import BaseEngine
-from .errors import EngineError
 
 
 @dataclass

@@ -54,7 +54,7 @@ def draw(image: torch.Tensor, dets: Detections, class_names: list[str], path: st
     if path is not None:
         from torchvision.io import write_jpeg, write_png
 
-        from .atomic import atomic_path
+        from ..atomic import atomic_path
 
         with atomic_path(path) as tmp:
             (write_png if str(path).lower().endswith(".png") else write_jpeg)(out, str(tmp))

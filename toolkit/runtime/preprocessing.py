@@ -8,12 +8,15 @@ between scripts. Resizing is torchvision's (transforms.v2), decoding is torchvis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .errors import InputError
-from .signature import PreprocessSpec
+from ..errors import InputError
+from ..signature import INPUT_IMAGES, PreprocessSpec
+
+if TYPE_CHECKING:
+    from ..base import BaseEngine
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -102,3 +105,13 @@ def preprocess(images: Any, spec: PreprocessSpec, sizes_dtype: torch.dtype = tor
     batch = torch.stack([p[0] for p in pairs])
     sizes = torch.tensor([p[1] for p in pairs], dtype=sizes_dtype)
     return batch, sizes
+
+
+def engine_preprocess(engine: BaseEngine) -> PreprocessSpec:
+    """The engine's own preprocessing; for files without it, the fixed input size of ``images``."""
+    if engine.signature.preprocess is not None:
+        return engine.signature.preprocess
+    _, _, h, w = engine.signature.input(INPUT_IMAGES).shape
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise InputError("the engine declares no preprocessing and no fixed input size; re-export it with rtdetr-deploy export")
+    return PreprocessSpec(size=(h, w))

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text
-from .errors import EngineError
+from ..atomic import write_text
+from ..errors import EngineError
 
 
 def sidecar_path(engine_path: str | Path) -> Path:

@@ -21,11 +21,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .atomic import write_text
-from .engine import BaseEngine
-from .errors import ToolkitError
-from .models import load_model
-from .signature import INPUT_IMAGES, INPUT_SIZES
+from ..atomic import write_text
+from ..errors import ToolkitError
+from ..models.loading import load_model
+from ..runtime.base import BaseEngine
+from ..signature import INPUT_IMAGES, INPUT_SIZES
+from .bench_report import plot_bench
 
 BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
 JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
@@ -62,7 +63,7 @@ class BenchReport:
     environment: dict[str, Any]
     binder_overhead_us: float | None = None
     notes: list[str] = field(default_factory=list)
-    profiles: list[dict[str, Any]] = field(default_factory=list)  # bench(profile=True): see toolkit.profiling
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # bench(profile=True): see toolkit.tasks.profiling
 
     def to_dict(self) -> dict[str, Any]:
         return {"environment": self.environment, "binder_overhead_us": self.binder_overhead_us, "notes": self.notes,
@@ -98,7 +99,7 @@ def time_calls(call: Callable[[], Any], device: torch.device, warmup: int, iters
 def environment(device: torch.device) -> dict[str, Any]:
     import platform
 
-    from . import __version__
+    from .. import __version__
 
     env: dict[str, Any] = {"toolkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
                            "device": str(device), "date": time.strftime("%Y-%m-%d")}
@@ -137,7 +138,7 @@ class _Artifacts:
 
     def onnx(self, precision: str) -> Path:
         if precision not in self._onnx:
-            from .export import export_onnx
+            from ..export.onnx import export_onnx
 
             path = self.workdir / f"{self.model.name}.{precision}.onnx"
             if not path.exists():
@@ -152,7 +153,7 @@ class _Artifacts:
         if backend == "onnxruntime":
             return self.onnx(precision)
         if backend == "aoti":
-            from .build.aoti import build_aoti
+            from ..builders.aoti import build_aoti
 
             tag = "".join(f".{k}={v}" for k, v in sorted(self.aoti_configs.items()))  # other options, another package
             path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}{tag}.pt2"
@@ -162,7 +163,7 @@ class _Artifacts:
                            inductor_configs=self.aoti_configs)
             return path
         if backend == "tensorrt":
-            from .build import build_engine
+            from ..builders.build import build_engine
 
             path = self.workdir / f"{self.model.name}.{precision}.engine"
             if not path.exists():
@@ -172,7 +173,7 @@ class _Artifacts:
         raise ToolkitError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
 
     def engine(self, backend: str, precision: str, cuda_graph: bool) -> BaseEngine:
-        from . import engine as engine_mod
+        from ..runtime import engine as engine_mod
 
         key = (backend, precision, cuda_graph)
         if key not in self._engines:
@@ -197,7 +198,7 @@ def _runnable(backend: str, device: torch.device, cuda_graph: bool) -> str | Non
     if backend == "tensorrt" and not any(importlib.util.find_spec(m) for m in ("tensorrt",)):
         return "TensorRT is not installed (pip install 'rtdetr-deploy[tensorrt]')"
     if backend == "onnxruntime" and device.type == "cuda":
-        from .backends.onnxruntime import cuda_available
+        from ..runtime.backends.onnxruntime import cuda_available
 
         if not cuda_available():
             return "onnxruntime has no CUDAExecutionProvider (pip install 'rtdetr-deploy[gpu]')"
@@ -219,7 +220,7 @@ def binder_overhead_us(engine: BaseEngine, feeds: dict[str, torch.Tensor], iters
 
 
 def _inputs(model: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    from .verify import verification_images
+    from ..export.verify import verification_images
 
     h, w = model.preprocess.size
     return {INPUT_IMAGES: verification_images(batch, (h, w), seed=batch).to(device),
@@ -231,7 +232,7 @@ def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.d
     from torchvision.io import decode_jpeg, encode_jpeg
     from torchvision.transforms.v2 import functional as F
 
-    from .verify import verification_images
+    from ..export.verify import verification_images
 
     h, w = model.preprocess.size
     raw = [encode_jpeg((im * 255).to(torch.uint8), quality=90) for im in verification_images(batch, (480, 640), seed=3)]
@@ -248,7 +249,7 @@ def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.d
 def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool, images: int = 100) -> tuple[str | None, str]:
     """(why the configuration fails, None if it passes; what was checked) against the fp32 ONNX Runtime reference of the
     check model: ``compare`` detection by detection, then COCO mAP on ``images`` synthetic images within 0.5 points."""
-    from .comparison import compare
+    from ..checks.compare import compare
     from .evaluate import evaluate
 
     ref = artifacts.engine("onnxruntime", "fp32", False)
@@ -288,7 +289,7 @@ def bench(
     aoti_configs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BenchReport:
-    """Benchmark ``model`` (anything :func:`toolkit.models.load_model` takes) on every runnable configuration.
+    """Benchmark ``model`` (anything :func:`toolkit.models.loading.load_model` takes) on every runnable configuration.
 
     ``check_model``: a model with meaningful (trained) weights on which each configuration must pass
     ``compare`` against fp32 ONNX Runtime, and keep its COCO mAP on ``check_images`` synthetic images within
@@ -387,58 +388,3 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         return None
 
 
-def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Rows for a terminal or markdown table, with the ratio to ONNX Runtime at the same precision and batch."""
-    ort = {(r["precision"], r["batch"]): r["median_ms"] for r in report["rows"]
-           if r["backend"] == "onnxruntime" and not r["cuda_graph"] and r["status"] == "ok"}
-    out = []
-    for r in report["rows"]:
-        label = f"{r['backend']} {r['precision']}" + (" +graph" if r["cuda_graph"] else "")
-        if r["status"] != "ok":
-            out.append([label, str(r["batch"]), r["status"], "", "", "", "", r["reason"]])
-            continue
-        base = ort.get((r["precision"], r["batch"]))
-        ratio = f"{base / r['median_ms']:.2f}x" if base else ""
-        built = f"build {r['build_s']:.0f} s, " if r.get("build_s") and r["build_s"] >= 1 else ""
-        out.append([label, str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                    f"{r['images_per_s']:.0f}", ratio, f"{built}first call {r['first_call_s']:.1f} s"])
-    return out
-
-
-TABLE_HEADER = ["config", "batch", "median ms", "p90 ms", "p99 ms", "img/s", "vs ORT", "notes"]
-
-
-def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
-    """Latency and throughput against batch size, one line per configuration (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .atomic import atomic_path
-
-    series: dict[str, list[tuple[int, float, float]]] = {}
-    for r in report["rows"]:
-        if r["status"] == "ok":
-            label = f"{r['backend']} {r['precision']}" + (" +graph" if r["cuda_graph"] else "")
-            series.setdefault(label, []).append((r["batch"], r["median_ms"], r["images_per_s"]))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    env = report.get("environment", {})
-    ax1.set_yscale("log")  # latencies span two orders of magnitude across backends
-    for ax, title, unit in ((ax1, "latency (median)", "ms"), (ax2, "throughput", "images/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"rtdetr-deploy bench on {env.get('gpu', env.get('device', '?'))}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from .atomic import write_text
-from .errors import ConfigError
+from ..atomic import write_text
+from ..errors import ConfigError
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "shapes"
+FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "shapes"
 
 
 @dataclass
@@ -54,17 +54,17 @@ class DemoReport:
 def fixture_path() -> Path:
     if not (FIXTURE_DIR / "config.json").is_file():
         raise ConfigError(f"the trained fixture is missing from {FIXTURE_DIR}; train it with "
-                          "'python -m toolkit.train --config shapes --out runs/shapes' and copy runs/shapes/model there")
+                          "'python -m toolkit.tasks.train --config shapes --out runs/shapes' and copy runs/shapes/model there")
     return FIXTURE_DIR
 
 
 def _build_engines(model_dir: Path, onnx_path: Path, device: torch.device, out: Path, report: DemoReport) -> dict[str, Path]:
     """The best engines available here: TensorRT where it exists (GPU), AOTInductor always (both cached)."""
-    from .build.aoti import build_aoti
+    from ..builders.aoti import build_aoti
 
     engines: dict[str, Path] = {}
     if device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
-        from .build import build_engine
+        from ..builders.build import build_engine
 
         res = build_engine(onnx_path, out / "model.engine", backend="tensorrt", batch=(1, 4, 16))
         engines["tensorrt"] = res.path
@@ -79,11 +79,11 @@ def demo(output_dir: str | Path = "runs/demo", *, model_dir: str | Path | None =
     """Run the demo into ``output_dir`` (on ``model_dir``, a checkpoint directory; default the shipped fixture).
 
     ``say`` receives one line per step (progress)."""
-    from . import load
-    from .comparison import compare
-    from .data import make_shapes_dataset
+    from .. import load
+    from ..checks.compare import compare
+    from ..data import make_shapes_dataset
+    from ..export.onnx import export_onnx
     from .evaluate import evaluate
-    from .export import export_onnx
     from .run import run
 
     dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -126,6 +126,6 @@ def demo(output_dir: str | Path = "runs/demo", *, model_dir: str | Path | None =
 
 
 def _ort_cuda() -> bool:
-    from .backends.onnxruntime import cuda_available
+    from ..runtime.backends.onnxruntime import cuda_available
 
     return cuda_available()

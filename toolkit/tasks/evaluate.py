@@ -5,7 +5,7 @@
 
 One row per backend (mAP, mAP50, mAP75, images/s). The backends must agree within ``tolerance`` mAP points
 (0.5 by default): the report says whether they do. Images are preprocessed once with
-:mod:`toolkit.preprocessing` (the model's own spec) and fed to every engine alike.
+:mod:`toolkit.runtime.preprocessing` (the model's own spec) and fed to every engine alike.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import InputError, MissingDependencyError
+from ..errors import InputError, MissingDependencyError
 
 SYNTHETIC_SEED = 20_260_101  # a seed training never uses: synthetic evaluation images are unseen
 
@@ -108,7 +108,8 @@ def _load_dataset(data_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
 
 def _engines(source: Any, backends: Sequence[str], device: str | torch.device | None, work: Path) -> list[tuple[str, Any]]:
     """(backend, engine or exception) for each backend; a model source is exported to ONNX for onnxruntime."""
-    from .engine import BaseEngine, detect_backend, load
+    from ..runtime.base import BaseEngine
+    from ..runtime.engine import detect_backend, load
 
     if isinstance(source, BaseEngine):
         return [(source.backend, source)]
@@ -121,8 +122,8 @@ def _engines(source: Any, backends: Sequence[str], device: str | torch.device | 
             out.append((b, _try(lambda b=b: load(source, backend=b, device=device))))
         elif native == "torch" and b == "onnxruntime":
             def export() -> Any:
-                from .export import export_onnx
-                from .models import load_model
+                from ..export.onnx import export_onnx
+                from ..models.loading import load_model
 
                 nonlocal deploy
                 deploy = deploy or load_model(source)
@@ -143,8 +144,8 @@ def _try(fn: Any) -> Any:
 
 
 def _run_engine(engine: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[Any], float]:
-    from .detections import split_batch
-    from .signature import INPUT_IMAGES, INPUT_SIZES
+    from ..runtime.detections import split_batch
+    from ..signature import INPUT_IMAGES, INPUT_SIZES
 
     def sync() -> None:
         if engine.device.type == "cuda":
@@ -171,8 +172,7 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
              progress: bool = False) -> EvalReport:
     """COCO mAP of a model (anything :func:`toolkit.load` takes, an Engine, or a {backend: engine or file} map)
     on each backend, over ``data_dir`` (COCO JSON / dataset root) or ``synthetic`` N fresh shapes images."""
-    from .preprocessing import preprocess, read_image
-    from .run import engine_preprocess
+    from ..runtime.preprocessing import engine_preprocess, preprocess, read_image
 
     if (data_dir is None) == (synthetic is None):
         raise InputError("give either data_dir or synthetic=N")
@@ -181,7 +181,7 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
         engines = _engines(model_or_engine_source, backends, device, work)
         first = next((e for _, e in engines if not isinstance(e, Exception)), None)
         if synthetic is not None:
-            from .data.shapes import write_split
+            from ..data.shapes import write_split
 
             names = first.class_names if first is not None and first.class_names else None
             side = size or (engine_preprocess(first).size[0] if first is not None else 320)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .signature import Signature, from_onnx
+from ..errors import InputError
+from ..signature import Signature, from_onnx
 
 INT64_WARNING = ("input {name} is declared int64. TensorRT 8 casts int64 inputs to int32: a torch int64 tensor "
                  "bound there by pointer reads [[640,640]] as [[640,0]], which makes every y coordinate zero. "
@@ -54,7 +54,7 @@ def inspect_file(path: str | Path) -> InspectReport:
         meta["producer"] = f"{model.producer_name} {model.producer_version}".strip()
         sig = from_onnx(model)
         return InspectReport(p, "onnx", sig, meta, _warnings(sig))
-    from .sidecar import read_sidecar
+    from ..runtime.sidecar import read_sidecar
 
     meta = read_sidecar(p)
     sig = Signature.from_dict(meta["signature"])

@@ -7,12 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import write_text
-from .detections import Detections, draw, split_batch
-from .engine import BaseEngine, load
-from .errors import InputError
-from .preprocessing import list_images, preprocess, read_image
-from .signature import INPUT_IMAGES, INPUT_SIZES, PreprocessSpec
+from ..atomic import write_text
+from ..errors import InputError
+from ..runtime.base import BaseEngine
+from ..runtime.detections import Detections, draw, split_batch
+from ..runtime.engine import load
+from ..runtime.preprocessing import (
+    engine_preprocess,
+    list_images,
+    preprocess,
+    read_image,
+)
+from ..signature import INPUT_IMAGES, INPUT_SIZES
 
 
 @dataclass
@@ -21,16 +27,6 @@ class RunResult:
     detections: list[Detections]
     files: list[Path]
     results_path: Path
-
-
-def engine_preprocess(engine: BaseEngine) -> PreprocessSpec:
-    """The engine's own preprocessing; for files without it, the fixed input size of ``images``."""
-    if engine.signature.preprocess is not None:
-        return engine.signature.preprocess
-    _, _, h, w = engine.signature.input(INPUT_IMAGES).shape
-    if not (isinstance(h, int) and isinstance(w, int)):
-        raise InputError("the engine declares no preprocessing and no fixed input size; re-export it with rtdetr-deploy export")
-    return PreprocessSpec(size=(h, w))
 
 
 def infer_images(engine: BaseEngine, paths: Sequence[Path], batch_size: int = 8) -> list[Detections]:

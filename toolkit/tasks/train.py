@@ -1,8 +1,8 @@
 """Train a model of a named config on the synthetic shapes dataset, within a wall-time budget, resumably.
 
-    python -m toolkit.train --config shapes --out DIR --seconds 480 --seed 0
-    python -m toolkit.train --resume DIR --seconds 300          # a second chunk, same schedule
-    python -m toolkit.train --init toolkit/fixtures/shapes --data-start 72320 --out DIR   # warm restart
+    python -m toolkit.tasks.train --config shapes --out DIR --seconds 480 --seed 0
+    python -m toolkit.tasks.train --resume DIR --seconds 300          # a second chunk, same schedule
+    python -m toolkit.tasks.train --init toolkit/fixtures/shapes --data-start 72320 --out DIR   # warm restart
 
 Uses transformers' RT-DETR and its own loss (``labels=[{"class_labels", "boxes" (normalized cxcywh)}]``),
 AdamW, linear warm-up then a cosine schedule over *training seconds* (``--schedule-seconds``, by default
@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .models import ModelConfig, build_model, load_config, load_model, save_model
+from ..models.config import ModelConfig, build_model, load_config
+from ..models.loading import load_model, save_model
 
 CHECKPOINT = "checkpoint.pt"
 RECORD = "train_record.json"
@@ -114,8 +115,8 @@ def plot_loss(curve: list[dict[str, float]], path: Path, title: str) -> str | No
 
 def held_out_map(model: Any, n: int, seed: int, size: tuple[int, int], device: torch.device, batch_size: int = 32) -> dict[str, float]:
     """COCO mAP of ``model`` (a DeployModel) on ``n`` val-split images of ``seed`` (never trained on)."""
-    from .data.shapes import ShapesDataset, coco_dict
-    from .detections import split_batch
+    from ..data.shapes import ShapesDataset, coco_dict
+    from ..runtime.detections import split_batch
     from .evaluate import coco_map
 
     ds = ShapesDataset(n, seed=seed, size=size, split="val", class_names=model.class_names)
@@ -152,7 +153,7 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     """
     from tqdm import tqdm
 
-    from .data.shapes import ShapesDataset, collate
+    from ..data.shapes import ShapesDataset, collate
 
     t0 = time.perf_counter()
     out = Path(resume if resume is not None and out_dir is None else out_dir)
@@ -198,7 +199,7 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
     loop_start = time.perf_counter()
     if horizon is None:
         horizon = max(1.0, deadline - loop_start)
-    run = {"command": command or " ".join(map(shlex.quote, [sys.executable, "-m", "toolkit.train", *sys.argv[1:]])),
+    run = {"command": command or " ".join(map(shlex.quote, [sys.executable, "-m", "toolkit.tasks.train", *sys.argv[1:]])),
            "seed": seed, "device": _gpu_name(dev), "torch": str(torch.__version__), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "startup_seconds": round(loop_start - t0, 2), "step_start": step, "batch_size": batch_size, "lr": lr,
            "workers": workers, "resumed_from": str(resume) if resume else None, "init_from": str(init) if init else None,
@@ -289,7 +290,7 @@ def train(config: str | Path | ModelConfig = "shapes", out_dir: str | Path = "ru
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toolkit.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m toolkit.tasks.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="shapes")
     p.add_argument("--out", default=None, help="output directory (default: the --resume directory, else runs/<config>)")
     p.add_argument("--seconds", type=float, default=480, help="wall-time budget of this whole command")
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     out = a.out or a.resume or f"runs/{a.config}"
-    cmd = " ".join(map(shlex.quote, ["python", "-m", "toolkit.train", *(argv if argv is not None else sys.argv[1:])]))
+    cmd = " ".join(map(shlex.quote, ["python", "-m", "toolkit.tasks.train", *(argv if argv is not None else sys.argv[1:])]))
     res = train(a.config, out, seconds=a.seconds, seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                 schedule_seconds=a.schedule_seconds, checkpoint_every=a.checkpoint_every, reserve=a.reserve, workers=a.workers,
                 device=a.device, resume=a.resume, max_steps=a.max_steps, eval_images=a.eval_images, data_size=a.data_size, log_every=a.log_every,

@@ -1,7 +1,7 @@
 """A faithful TensorRT test double: the subset of the ``tensorrt`` Python API the toolkit calls, on CPU.
 
 ``make_fake_tensorrt(version)`` returns a module-like object for TensorRT ``"8.6"``, ``"10"`` or ``"11"``.
-Pass it wherever the toolkit accepts ``trt_module=`` (``toolkit.load``, ``toolkit.build.build_engine``), or
+Pass it wherever the toolkit accepts ``trt_module=`` (``toolkit.load``, ``toolkit.builders.build.build_engine``), or
 use it directly in your own CPU tests of code written against TensorRT.
 
 What it copies from TensorRT (reference keys are those of ``TENSORRT.md``, whose list gives the URLs):

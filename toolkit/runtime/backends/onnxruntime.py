@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from ...errors import EngineError, MissingDependencyError
+from ...signature import from_onnx
+from ..base import BaseEngine
 from ..binding import BoundInputs, allocate_outputs
-from ..engine import BaseEngine
-from ..errors import EngineError, MissingDependencyError
-from ..signature import from_onnx
 
 
 def import_onnxruntime() -> Any:

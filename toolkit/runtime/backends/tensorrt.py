@@ -3,7 +3,7 @@
 The signature is read from the engine itself (``get_tensor_dtype``/``get_tensor_shape``/profile), never from
 the tensors that arrive: TensorRT reads raw bytes at a bound address as the dtype *it* declares, which is
 how an int64 ``orig_target_sizes`` bound to TensorRT 8's int32 input turned every y coordinate into 0
-(lyuwenyu/RT-DETR#364). All checks and lossless conversions happen in the shared :class:`~toolkit.binding.Binder`
+(lyuwenyu/RT-DETR#364). All checks and lossless conversions happen in the shared :class:`~toolkit.runtime.binding.Binder`
 before any pointer reaches TensorRT; this module only binds, runs, and turns every False/None that
 TensorRT returns into an :class:`~toolkit.errors.EngineError` carrying the logged TensorRT errors.
 
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from .. import dtypes
+from ... import dtypes
+from ...errors import EngineError, MissingDependencyError
+from ...signature import Signature, TensorSpec
+from ..base import BaseEngine
 from ..binding import BoundInputs
-from ..engine import BaseEngine
-from ..errors import EngineError, MissingDependencyError
 from ..sidecar import read_sidecar
-from ..signature import Signature, TensorSpec
 
 INSTALL_HINT = "pip install 'rtdetr-deploy[tensorrt]'"
 MODULE_NAMES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")

@@ -6,16 +6,16 @@ from typing import Any
 
 import torch
 
-from .. import numerics
+from ... import numerics
+from ...errors import EngineError
+from ...models.loading import load_model
+from ...signature import INPUT_IMAGES, INPUT_SIZES, OUTPUTS
+from ..base import BaseEngine, default_device
 from ..binding import BoundInputs
-from ..engine import BaseEngine, default_device
-from ..errors import EngineError
-from ..models import load_model
-from ..signature import INPUT_IMAGES, INPUT_SIZES, OUTPUTS
 
 
 class TorchEngine(BaseEngine):
-    """Runs a :class:`~toolkit.contract.DeployModel` eagerly. Thread-safe: forward under inference mode only reads.
+    """Runs a :class:`~toolkit.models.contract.DeployModel` eagerly. Thread-safe: forward under inference mode only reads.
 
     Computes in exact fp32 (TF32 off) unless ``tf32=True``; the caller's global TF32 settings are restored.
     ``precision="fp16"``/``"bf16"`` runs the network body under autocast; I/O and the postprocess stay fp32.

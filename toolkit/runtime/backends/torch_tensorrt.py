@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
+from ...errors import EngineError
+from ...numerics import tf32
+from ...signature import OUTPUTS, Signature
+from ..base import BaseEngine
 from ..binding import BoundInputs
-from ..engine import BaseEngine
-from ..errors import EngineError
-from ..numerics import tf32
 from ..sidecar import read_sidecar
-from ..signature import OUTPUTS, Signature
 
 BACKEND = "torch-tensorrt"
 INSTALL_HINT = "pip install 'rtdetr-deploy[torch-tensorrt]'"
