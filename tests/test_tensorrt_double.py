@@ -383,7 +383,7 @@ def test_api_surface_exists_in_real_tensorrt(major):
 def test_api_surface_list_is_complete_and_the_double_implements_it():
     """Every ``trt.X`` the toolkit touches is in USED, and the double has each module-level name."""
     used = set(USED["module"] + USED["members"] + USED["guarded"])
-    for rel in ("toolkit/backends/tensorrt.py", "toolkit/build/tensorrt.py"):
+    for rel in ("toolkit/runtime/backends/tensorrt.py", "toolkit/builders/tensorrt.py"):
         tree = ast.parse((ROOT / rel).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trt":
