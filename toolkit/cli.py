@@ -64,7 +64,7 @@ def export(
     if result.verify is not None:
         console.print(result.verify.summary())
     for note in result.lints:
-        console.print(f"[yellow]lint:[/yellow] {note}")
+        console.print(f"[yellow]lint:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     console.print(f"wrote {result.path} in {result.seconds:.1f} s")
 
@@ -95,10 +95,10 @@ def inspect(
     meta.add_column("key")
     meta.add_column("value", overflow="fold")
     for k, v in sorted(report.metadata.items()):
-        meta.add_row(k, v if isinstance(v, str) else json.dumps(v))
+        meta.add_row(escape(k), escape(v if isinstance(v, str) else json.dumps(v)))
     console.print(meta)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 @app.command()
@@ -111,15 +111,24 @@ def run(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Config for a weights file."),
     score_threshold: float = typer.Option(0.3, help="Keep detections scoring at least this."),
     batch_size: int = typer.Option(8, help="Images per engine call."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out images that cannot be read (listed) instead of stopping."),
 ) -> None:
-    """Run a model on images; write detections.json (COCO results) and annotated images."""
+    """Run a model on images; write detections.json (COCO results) and annotated images.
+
+    Boxes refer to each image as displayed (EXIF orientation applied). Unreadable images stop the run before
+    anything is written, all of them listed; --skip-bad processes the others.
+    """
     from .tasks.run import run as run_images
 
     options = {"config": config} if config else {}
     result = run_images(model, images, output, backend=backend, device=device, score_threshold=score_threshold,
-                        batch_size=batch_size, **options)
+                        batch_size=batch_size, skip_bad=skip_bad, **options)
+    for path, why in result.skipped.items():
+        err_console.print(f"[yellow]skipped:[/yellow] {escape(why)}", highlight=False, soft_wrap=True)
     n = sum(len(d.above(score_threshold).scores) for d in result.detections)
-    console.print(f"{len(result.detections)} images, {n} detections >= {score_threshold}: {result.results_path}")
+    skipped = f" ({len(result.skipped)} unreadable skipped)" if result.skipped else ""
+    console.print(f"{len(result.detections)} images{skipped}, {n} detections >= {score_threshold}: {escape(str(result.results_path))}",
+                  highlight=False)
 
 
 @app.command()
@@ -202,7 +211,7 @@ def build(
         result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
                               timing_cache=timing_cache, cache=cache, device=device)
     for note in result.warnings:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     if result.metadata.get("orig_target_sizes_note"):
         console.print(result.metadata["orig_target_sizes_note"])
@@ -252,7 +261,11 @@ def bench(
 
         raise InputError(f"--cuda-graphs takes off, on or both, got {cuda_graphs!r}")
     graphs = choices[cuda_graphs]
-    report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
+    try:
+        batches = [int(b) for b in batch.split(",")]
+    except ValueError:
+        raise InputError(f"--batch takes comma-separated batch sizes such as 1,8,32, got {batch!r}") from None
+    report = run_bench(model, backends=backends.split(","), batches=batches,
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
                        check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
                        profile=profile, check_images=check_images, aoti_configs=_inductor_options(aoti_config))
@@ -269,7 +282,11 @@ def bench(
         console.print(f"profile {p['config']} b{p['batch']}: kernels {p['kernel_ms_per_call']:.2f} ms of {p['wall_ms_per_call']:.2f} ms "
                       f"wall (GPU idle {p['gpu_idle_share']:.0%}, {p['kernel_launches_per_call']} launches); {kinds}")
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}", highlight=False)
+    if not any(r.status == "ok" for r in report.rows):
+        err_console.print("[red]error:[/red] no configuration could be measured (every row above failed, was refused "
+                          "or cannot run here)", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command(name="eval")
@@ -314,8 +331,10 @@ def demo(
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: ToolkitError -> one line on stderr, exit 2."""
+    from .atomic import Interrupted, install_signal_handlers
     from .errors import ToolkitError
 
+    install_signal_handlers()  # SIGTERM/SIGHUP/SIGINT: unfinished files removed, one line, exit 128+n
     try:
         code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as the return value here
     except ToolkitError as e:
@@ -323,6 +342,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
+    except Interrupted as e:  # the handler already printed its line
+        return int(e.code)
+    except KeyboardInterrupt:
+        err_console.print("rtdetr-deploy: stopped by SIGINT", highlight=False)
+        return 130
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
     except typer.Abort:

@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from ..atomic import atomic_path, check_output_path
 from ..errors import ExportError
+from ..integrity import ONNX_KEY, ONNX_PLACEHOLDER, seal_onnx
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
@@ -141,6 +142,7 @@ def export_onnx(
             "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
             "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
+            ONNX_KEY: ONNX_PLACEHOLDER,  # sealed below with the file's size and sha256
         }
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
@@ -150,6 +152,7 @@ def export_onnx(
         except Exception as e:
             raise ExportError(f"onnx.checker rejected the exported graph: {e}") from None
         onnx.save(onnx_model, str(tmp))
+        seal_onnx(tmp)
         report = None
         if verify:
             report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
