@@ -257,8 +257,6 @@ def bench(
 
     choices = {"off": (False,), "on": (True,), "both": (False, True)}
     if cuda_graphs not in choices:
-        from .errors import InputError
-
         raise InputError(f"--cuda-graphs takes off, on or both, got {cuda_graphs!r}")
     graphs = choices[cuda_graphs]
     try:
@@ -273,7 +271,7 @@ def bench(
     for col in TABLE_HEADER:
         table.add_column(col)
     for row in table_rows(report.to_dict()):
-        table.add_row(*row)
+        table.add_row(*(escape(str(c)) for c in row))
     console.print(table)
     if report.binder_overhead_us is not None:
         console.print(f"binder overhead per call: {report.binder_overhead_us:.1f} us (median)")
