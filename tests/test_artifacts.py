@@ -69,7 +69,7 @@ def test_exported_onnx_is_sealed_and_a_bit_flip_is_refused(tiny_onnx, tmp_path, 
 def test_truncated_onnx_names_the_sizes(tiny_onnx, tmp_path):
     bad = tmp_path / "cut.onnx"
     bad.write_bytes(tiny_onnx.read_bytes()[:-10])
-    with pytest.raises(EngineError, match=rf"cut\.onnx"):
+    with pytest.raises(EngineError, match=r"cut\.onnx"):
         toolkit.load(bad, device="cpu")
 
 
@@ -121,7 +121,7 @@ def test_engine_sidecar_records_size_and_sha256(fake_engine, tmp_path):
     shutil.copy(sidecar_path(path), sidecar_path(copy))
     toolkit.load(copy, trt_module=fake)
     _flip(copy, copy.stat().st_size // 2)
-    with pytest.raises(IntegrityError, match=rf"copy\.engine: sha256 .* recorded in its sidecar copy\.engine\.json"):
+    with pytest.raises(IntegrityError, match=r"copy\.engine: sha256 .* recorded in its sidecar copy\.engine\.json"):
         toolkit.load(copy, trt_module=fake)
 
 
@@ -134,7 +134,7 @@ def test_hand_written_sidecar_without_a_record_is_refused(fake_engine, tmp_path)
     from toolkit.tasks.inspect import inspect_file
 
     for call in (lambda: toolkit.load(lone, trt_module=fake), lambda: inspect_file(lone)):
-        with pytest.raises(IntegrityError, match=rf"random\.engine: its sidecar random\.engine\.json records no size and sha256"):
+        with pytest.raises(IntegrityError, match=r"random\.engine: its sidecar random\.engine\.json records no size and sha256"):
             call()
 
 
