@@ -257,6 +257,7 @@ def test_cli_export_sigterm_leaves_nothing(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("rtdetr-deploy: stopped by SIGTERM")
+    assert "export: loading the model done (" in err and "export: tracing with torch.onnx.export (opset 17) ..." in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -266,3 +267,21 @@ def test_atomic_path_cleans_up_on_error(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_lines_with_elapsed_time_and_heartbeat():
+    import io
+
+    from toolkit.progress import Steps
+
+    buf = io.StringIO()
+    steps = Steps("build", stream=buf, heartbeat_s=0.05)
+    with steps.step("compiling"):
+        time.sleep(0.2)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "build: compiling ..." and lines[-1].startswith("build: compiling done (")
+    assert any(line.startswith("build: still compiling (") for line in lines[1:-1])
+    quiet = io.StringIO()
+    with Steps("x", enabled=False, stream=quiet).step("y"):
+        pass
+    assert quiet.getvalue() == ""

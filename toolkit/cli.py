@@ -60,7 +60,8 @@ def export(
     from .export.onnx import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
-                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision)
+                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision,
+                         progress=True)
     if result.verify is not None:
         console.print(result.verify.summary())
     for note in result.lints:
