@@ -285,3 +285,38 @@ def test_progress_lines_with_elapsed_time_and_heartbeat():
     with Steps("x", enabled=False, stream=quiet).step("y"):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_build_refuses_a_changed_onnx_and_rebuilds_a_damaged_cache_entry(tiny_onnx, tmp_path, monkeypatch):
+    from toolkit.builders.build import build_engine, cache_dir
+
+    monkeypatch.setenv("RTDETR_DEPLOY_CACHE", str(tmp_path / "cache"))
+    fake = make_fake_tensorrt("10")
+    bad = tmp_path / "bad.onnx"
+    shutil.copy(tiny_onnx, bad)
+    _flip(bad, bad.stat().st_size // 2)
+    with pytest.raises(IntegrityError, match=r"bad\.onnx: sha256"):
+        build_engine(bad, tmp_path / "x.engine", trt_module=fake, progress=False)
+    assert not (tmp_path / "x.engine").exists()
+    first = build_engine(tiny_onnx, tmp_path / "a.engine", trt_module=fake, progress=False)
+    cached = [p for p in cache_dir().iterdir() if p.suffix == ".engine"]
+    assert not first.cached and len(cached) == 1
+    _flip(cached[0], cached[0].stat().st_size // 2)  # the cache entry rots on disk
+    second = build_engine(tiny_onnx, tmp_path / "b.engine", trt_module=fake, progress=False)
+    assert not second.cached  # a miss: rebuilt, not copied
+    assert (tmp_path / "b.engine").read_bytes() == (tmp_path / "a.engine").read_bytes()
+    toolkit.load(tmp_path / "b.engine", trt_module=fake)
+    assert build_engine(tiny_onnx, tmp_path / "c.engine", trt_module=fake, progress=False).cached  # the cache is whole again
+
+
+def test_build_backend_defaults(monkeypatch):
+    import importlib.util
+
+    from toolkit import cli
+
+    assert cli._build_target(None, Path("m.pt2")) == ("aoti", Path("m.pt2"))
+    assert cli._build_target(None, Path("m.engine")) == ("tensorrt", Path("m.engine"))
+    assert cli._build_target("aoti", None) == ("aoti", Path("model.pt2"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorrt") else real(name, *a))
+    assert cli._build_target(None, None) == ("aoti", Path("model.pt2"))  # the best backend installed, said in a note

@@ -343,3 +343,21 @@ def test_loading_the_same_file_from_threads(tiny_onnx, tmp_path):
     for t in threads:
         t.join()
     assert results == [True] * 8
+
+
+def test_inspect_warns_about_int64_only_for_tensorrt(tmp_path, tiny_model):
+    """A .pt2 binds through torch: TensorRT's int64 narrowing is irrelevant there."""
+    import zipfile
+
+    from toolkit.tasks.inspect import inspect_file
+
+    pt2 = tmp_path / "m.pt2"
+    with zipfile.ZipFile(pt2, "w") as z:
+        z.writestr("m/version", b"1")
+    write_sidecar(pt2, {"backend": "aoti", "device": "cpu", "signature": tiny_model.signature().to_dict()})
+    report = inspect_file(pt2)
+    assert report.signature.input("orig_target_sizes").dtype == "int64" and report.warnings == []
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"plan")
+    write_sidecar(eng, {"backend": "tensorrt", "signature": tiny_model.signature().to_dict()})
+    assert any("int64" in w for w in inspect_file(eng).warnings)

@@ -179,8 +179,9 @@ def validate(
 @app.command()
 def build(
     onnx: Optional[Path] = typer.Argument(None, help="ONNX file (from 'rtdetr-deploy export'); optional with --model."),
-    output: Path = typer.Option(Path("model.engine"), "--output", "-o", help="Engine file to write (a .json sidecar goes beside it)."),
-    backend: str = typer.Option("tensorrt", help="tensorrt, tensorrt-rtx, or a backend that compiles the model: aoti."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine file to write (a .json sidecar goes beside it); default model.engine / model.pt2 / model.ep."),
+    backend: Optional[str] = typer.Option(None, help="tensorrt, tensorrt-rtx, or a backend that compiles the model: aoti "
+                                          "(default: from -o's suffix, else TensorRT where installed, else aoti)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (checked in the built engine; TensorRT 11/RTX need an fp16 ONNX)."),
     batch: str = typer.Option("1,1,8", help="MIN,OPT,MAX of the dynamic batch dim."),
     workspace: Optional[float] = typer.Option(None, help="TensorRT: workspace memory pool limit in GiB."),
@@ -199,6 +200,7 @@ def build(
         parts = ()
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
+    backend, output = _build_target(backend, output)
     if model is not None:
         if backend not in MODEL_BUILDERS:
             raise InputError(f"--model is for backends that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
@@ -217,6 +219,27 @@ def build(
     if result.metadata.get("orig_target_sizes_note"):
         console.print(result.metadata["orig_target_sizes_note"])
     console.print(result.summary())
+
+
+_BUILD_SUFFIXES = {".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
+_BUILD_OUTPUTS = {"tensorrt": "model.engine", "tensorrt-rtx": "model.engine", "aoti": "model.pt2", "torch-tensorrt": "model.ep"}
+
+
+def _build_target(backend: Optional[str], output: Optional[Path]) -> tuple[str, Path]:
+    """The backend (given, else from the output's suffix, else the best one installed, said in a note) and the output."""
+    if backend is None:
+        if output is not None and output.suffix.lower() in _BUILD_SUFFIXES:
+            backend = _BUILD_SUFFIXES[output.suffix.lower()]
+        else:
+            import importlib.util
+
+            from .runtime.backends.tensorrt import MODULE_NAMES
+
+            have_trt = any(importlib.util.find_spec(name) is not None for name in MODULE_NAMES)
+            backend = "tensorrt" if have_trt else "aoti"
+            console.print(f"note: building with --backend {backend}"
+                          + ("" if have_trt else " (TensorRT is not installed here: an AOTInductor package)"), highlight=False)
+    return backend, output if output is not None else Path(_BUILD_OUTPUTS.get(backend, "model.engine"))
 
 
 def _inductor_options(pairs: list[str]) -> dict[str, Any]:
@@ -305,7 +328,7 @@ def eval_(
     if data is None and synthetic is None:
         synthetic = 500
     report = evaluate(model, data, synthetic, tuple(b for b in backends.split(",") if b), device, tolerance=tolerance, progress=True)
-    console.print(report.table(), highlight=False)
+    console.print(escape(report.table()), highlight=False)
     if json_path is not None:
         write_text(json_path, json.dumps(report.to_dict(), indent=1))
     if not report.agree:
@@ -321,8 +344,8 @@ def demo(
     """The whole toolkit on the shipped trained fixture: export, verify, build, run, compare, eval, report."""
     from .tasks.demo import demo as run_demo
 
-    report = run_demo(output, device=device, eval_images=eval_images, say=lambda line: console.print(line, highlight=False))
-    console.print(report.eval_table, highlight=False)
+    report = run_demo(output, device=device, eval_images=eval_images, say=lambda line: console.print(escape(line), highlight=False))
+    console.print(escape(report.eval_table), highlight=False)
     console.print(f"demo {'PASS' if report.ok else 'FAIL'}: {report.output_dir / 'report.md'}")
     if not report.ok:
         raise typer.Exit(1)

@@ -74,7 +74,8 @@ def inspect_file(path: str | Path) -> InspectReport:
         raise InputError(f"{p}: its sidecar's signature is not valid ({e.__class__.__name__}: {e}); rebuild it") from None
     kind = meta.get("backend", p.suffix.lstrip("."))
     warnings = []
-    for t in sig.inputs:
+    tensorrt = kind in ("tensorrt", "tensorrt-rtx") or p.suffix.lower() in (".engine", ".plan")
+    for t in sig.inputs if tensorrt else ():  # raw-pointer binding of narrowed int inputs is a TensorRT matter
         if t.dtype == "int64":
             warnings.append(f"input {t.name} is int64 in this engine (TensorRT 10/11 keep int64): bind int64 tensors; "
                             "toolkit.load() checks this for you")
