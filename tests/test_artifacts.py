@@ -240,9 +240,14 @@ def test_sigkill_leftovers_are_removed_on_the_next_write(tmp_path):
     other.write_bytes(b"")
     write_text(target, "done")
     assert target.read_text() == "done" and not tmp.exists() and live.exists() and other.exists()
-    assert remove_stale(target) == []
+    assert remove_stale(target, force=True) == []
+    dead = tmp_path / f".other.onnx.{proc.pid}.0123abcd.tmp"  # the killed process's, for another target
+    dead.write_bytes(b"")
+    assert remove_stale(target) == [] and dead.exists()  # scanned a moment ago: not again
+    assert remove_stale(target, force=True) == [dead] and not dead.exists()
 
 
+@pytest.mark.slow  # a real export in a subprocess
 def test_cli_export_sigterm_leaves_nothing(tmp_path):
     """A real export (the CLI), SIGTERMed while its temporary file exists: exit 143, one line, nothing left."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

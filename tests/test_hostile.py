@@ -29,7 +29,8 @@ def _one_line_error(out, *needles: str) -> None:
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr + out.stdout, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error:"), out.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], out.stderr  # progress lines may come before the one error line
     text = " ".join(out.stderr.split())
     for n in needles:
         assert n in text, (n, out.stderr)
@@ -144,6 +145,7 @@ def test_non_positive_sizes_are_refused(engine, sample_images, sizes):
     assert torch.equal(wide["boxes"], ref["boxes"])  # int16 is wide enough: converted losslessly
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_inspect_empty_onnx_and_random_artifacts(tmp_path, tiny_model):
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
@@ -172,6 +174,7 @@ def test_annotated_outputs_never_overwrite_each_other(engine, tmp_path):
     assert sorted(f.name for f in result.files) == ["a.jpg.det.png", "a.png.det.png"]
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_bench_with_nothing_measured_exits_nonzero_and_eval_synthetic_zero(tmp_path):
     out = run_cli("bench", "tiny", "--backends", "tensorrt", "--batch", "1", "--iters", "1", "--warmup", "0", "--device", "cpu",
                   "--check-images", "0", "--workdir", str(tmp_path / "w"))
@@ -183,6 +186,7 @@ def test_bench_with_nothing_measured_exits_nonzero_and_eval_synthetic_zero(tmp_p
 # --- crashes that are one-line errors ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_bad_devices_and_bench_counts(tiny_onnx, images, tmp_path):
     with pytest.raises(EngineError, match="unknown device 'banana'"):
         toolkit.load(tiny_onnx, device="banana")
@@ -196,6 +200,7 @@ def test_bad_devices_and_bench_counts(tiny_onnx, images, tmp_path):
         bench("tiny", batches=[0], device="cpu", progress=False)
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_unwritable_output_directory(tiny_onnx, images, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -209,6 +214,7 @@ def test_unwritable_output_directory(tiny_onnx, images, tmp_path):
     _one_line_error(run_cli("run", str(tiny_onnx), str(images), "-o", "/proc/rtdetr-readonly/out"), "/proc/rtdetr-readonly/out")
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_pickle_named_safetensors(tmp_path):
     fake = tmp_path / "weights.safetensors"
     fake.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
@@ -262,6 +268,7 @@ def test_bad_onnx_metadata_names_the_file(tiny_onnx, tmp_path, key, value, needl
             inspect_file(bad)
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_random_engine_names_the_file(tmp_path, images):
     eng = tmp_path / "random.engine"
     eng.write_bytes(os.urandom(512))
@@ -289,6 +296,7 @@ def test_16_bit_png_and_bmp_give_the_8_bit_detections(engine, tmp_path):
     assert torch.equal(got_bmp.boxes_xyxy, ref.boxes_xyxy)
 
 
+@pytest.mark.slow  # CLI subprocesses: >10 s on the loaded 2-core machine
 def test_folder_with_broken_files(tiny_onnx, images, tmp_path):
     (images / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
     (images / "empty.png").write_bytes(b"")

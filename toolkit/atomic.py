@@ -6,17 +6,20 @@
 * SIGTERM and SIGHUP during a write (where nobody else installed a handler) and SIGINT remove every
   temporary file of this process and exit with ``128 + signal`` after one line on stderr
   (:func:`install_signal_handlers`; the CLI installs them for its whole run).
-* SIGKILL cannot be caught: the next write of the same target removes the temporaries whose process is gone.
+* SIGKILL cannot be caught: the next write into the same folder removes the temporaries whose process is
+  gone (a folder is scanned at most once a minute per process).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,22 +125,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(target: Path) -> list[Path]:
-    """Temporaries of ``target`` left by processes that no longer exist (killed by SIGKILL, power loss)."""
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_scanned: dict[str, float] = {}
+RESCAN_S = 60.0  # a folder is scanned at most once a minute: writing 10,000 images must not scan it 10,000 times
+
+
+def remove_stale(target: Path, force: bool = False) -> list[Path]:
+    """Remove the temporaries beside ``target`` left by processes that no longer exist (SIGKILL, power loss).
+
+    Only names this module makes (``.NAME.PID.RANDOM.tmp``) whose process is gone are removed."""
+    key = str(target.parent.resolve())
+    now = time.monotonic()
+    with _lock:
+        if not force and now - _scanned.get(key, -RESCAN_S) < RESCAN_S:
+            return []
+        _scanned[key] = now
     removed = []
-    prefix = f".{target.name}."
     with contextlib.suppress(OSError):
-        for q in target.parent.iterdir():
-            if not (q.name.startswith(prefix) and q.name.endswith(".tmp")):
+        for entry in os.scandir(target.parent):
+            m = _TEMP_NAME.match(entry.name)
+            if m is None or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
                 continue
-            parts = q.name[len(prefix):-len(".tmp")].split(".")
-            if len(parts) != 2 or not parts[0].isdigit():
-                continue
-            pid = int(parts[0])
-            if pid != os.getpid() and not _pid_alive(pid):
-                with contextlib.suppress(OSError):
-                    q.unlink()
-                    removed.append(q)
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
     return removed
 
 
