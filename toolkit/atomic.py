@@ -86,6 +86,14 @@ def install_signal_handlers(signals: tuple[int, ...] = (*CAUGHT, signal.SIGINT))
     return previous
 
 
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back what :func:`install_signal_handlers` returned."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s, handler in previous.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 def _enter_write() -> None:
     """During a write, catch SIGTERM/SIGHUP where the program left them at their default (which kills
     without cleanup); SIGINT's default (KeyboardInterrupt) already unwinds through the cleanup."""

@@ -353,10 +353,19 @@ def demo(
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: ToolkitError -> one line on stderr, exit 2."""
-    from .atomic import Interrupted, install_signal_handlers
+    from .atomic import install_signal_handlers, restore_signal_handlers
+
+    previous = install_signal_handlers()  # SIGTERM/SIGHUP/SIGINT: unfinished files removed, one line, exit 128+n
+    try:
+        return _main_body(argv)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _main_body(argv: Optional[list[str]]) -> int:
+    from .atomic import Interrupted
     from .errors import ToolkitError
 
-    install_signal_handlers()  # SIGTERM/SIGHUP/SIGINT: unfinished files removed, one line, exit 128+n
     try:
         code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as the return value here
     except ToolkitError as e:
