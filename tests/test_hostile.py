@@ -369,3 +369,14 @@ def test_inspect_warns_about_int64_only_for_tensorrt(tmp_path, tiny_model):
     eng.write_bytes(b"plan")
     write_sidecar(eng, {"backend": "tensorrt", "signature": tiny_model.signature().to_dict()})
     assert any("int64" in w for w in inspect_file(eng).warnings)
+
+
+def test_animated_gif_reads_its_first_frame(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    from toolkit.runtime.preprocessing import read_image
+
+    first, second = Image.fromarray(_scene()), Image.fromarray(_scene()[::-1].copy())
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second], duration=100)
+    img = read_image(tmp_path / "anim.gif")
+    ref = np.asarray(Image.open(tmp_path / "anim.gif").convert("RGB"))  # Pillow opens at frame 0
+    assert img.shape == (3, 96, 128) and np.array_equal(img.permute(1, 2, 0).numpy(), ref)

@@ -38,6 +38,8 @@ def read_image(path: str | Path) -> torch.Tensor:
         img = decode_image(str(p), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception as e:  # torchvision raises RuntimeError for undecodable bytes and formats it lacks
         img = _read_with_pillow(p, e)
+    if img.ndim == 4:  # an animated GIF: its first frame, as viewers show before playing
+        img = img[0]
     if img.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
         from torchvision.transforms.v2.functional import to_dtype
 
