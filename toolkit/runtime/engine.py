@@ -55,7 +55,8 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
     ``nn.Module``, checkpoint or config name (eager torch). ``options`` go to the backend and the binder
     (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
     replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.runtime.cudagraph.CudaGraphEngine`
-    for the others).
+    for the others). A file the toolkit wrote is first checked against its recorded size and sha256
+    (:mod:`toolkit.integrity`): a changed file raises :class:`~toolkit.errors.IntegrityError` naming it.
     """
     parse_device(device)  # an unknown device is an error before anything is read
     backend = backend or detect_backend(source)
