@@ -380,3 +380,19 @@ def test_animated_gif_reads_its_first_frame(tmp_path):
     img = read_image(tmp_path / "anim.gif")
     ref = np.asarray(Image.open(tmp_path / "anim.gif").convert("RGB"))  # Pillow opens at frame 0
     assert img.shape == (3, 96, 128) and np.array_equal(img.permute(1, 2, 0).numpy(), ref)
+
+
+def test_a_run_failing_midway_leaves_no_results_that_look_complete(engine, images, tmp_path):
+    from toolkit.runtime.base import BaseEngine
+
+    out = tmp_path / "out"
+    run(engine, [images], out)
+    assert (out / "detections.json").is_file()
+
+    class Failing(BaseEngine):
+        def _run(self, bound):
+            raise EngineError("the GPU fell off the bus")
+
+    with pytest.raises(EngineError, match="fell off"):
+        run(Failing(engine.signature, engine.device, class_names=engine.class_names), [images], out)
+    assert not (out / "detections.json").exists()  # the earlier run's file must not pass for this run's

@@ -125,6 +125,8 @@ def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, bac
     out_dir = Path(output_dir)
     _prepare_output(out_dir)
     engine = model if isinstance(model, BaseEngine) else load(model, backend=backend, device=device, **options)
+    results_path = out_dir / "detections.json"
+    results_path.unlink(missing_ok=True)  # an earlier run's results must not pass for this run's if it fails midway
     names = dict(zip(good, annotated_names(good)))
     records, files, dets = [], [], []
     for batch in _batches(engine, good, batch_size):
@@ -135,5 +137,5 @@ def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, bac
             if draw_images:
                 draw(image, kept, engine.class_names, out_dir / names[path])
                 files.append(out_dir / names[path])
-    results = write_text(out_dir / "detections.json", json.dumps(records, indent=1))  # last: its presence means done
+    results = write_text(results_path, json.dumps(records, indent=1))  # last: its presence means this run completed
     return RunResult(out_dir, dets, files, results, bad, good)
