@@ -322,6 +322,7 @@ def test_build_backend_defaults(monkeypatch):
     assert cli._build_target(None, Path("m.pt2")) == ("aoti", Path("m.pt2"))
     assert cli._build_target(None, Path("m.engine")) == ("tensorrt", Path("m.engine"))
     assert cli._build_target("aoti", None) == ("aoti", Path("model.pt2"))
+    assert cli._build_target(None, None, from_model=True) == ("aoti", Path("model.pt2"))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorrt") else real(name, *a))
     assert cli._build_target(None, None) == ("aoti", Path("model.pt2"))  # the best backend installed, said in a note

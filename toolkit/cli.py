@@ -200,7 +200,7 @@ def build(
         parts = ()
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
-    backend, output = _build_target(backend, output)
+    backend, output = _build_target(backend, output, from_model=model is not None)
     if model is not None:
         if backend not in MODEL_BUILDERS:
             raise InputError(f"--model is for backends that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
@@ -217,19 +217,21 @@ def build(
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     if result.metadata.get("orig_target_sizes_note"):
-        console.print(result.metadata["orig_target_sizes_note"])
-    console.print(result.summary())
+        console.print(escape(result.metadata["orig_target_sizes_note"]))
+    console.print(escape(result.summary()))
 
 
 _BUILD_SUFFIXES = {".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
 _BUILD_OUTPUTS = {"tensorrt": "model.engine", "tensorrt-rtx": "model.engine", "aoti": "model.pt2", "torch-tensorrt": "model.ep"}
 
 
-def _build_target(backend: Optional[str], output: Optional[Path]) -> tuple[str, Path]:
+def _build_target(backend: Optional[str], output: Optional[Path], from_model: bool = False) -> tuple[str, Path]:
     """The backend (given, else from the output's suffix, else the best one installed, said in a note) and the output."""
     if backend is None:
         if output is not None and output.suffix.lower() in _BUILD_SUFFIXES:
             backend = _BUILD_SUFFIXES[output.suffix.lower()]
+        elif from_model:  # --model: a backend that compiles the torch model
+            backend = "aoti"
         else:
             import importlib.util
 
