@@ -22,7 +22,7 @@ import torch
 import toolkit
 from toolkit.builders.build import BuildError, build_engine
 from toolkit.errors import BindingError, EngineError, MissingDependencyError
-from toolkit.runtime.sidecar import sidecar_path
+from toolkit.runtime.sidecar import sidecar_path, write_sidecar
 from toolkit.testing import make_fake_tensorrt
 
 VERSIONS = ("8.6", "10", "11")
@@ -170,7 +170,7 @@ def test_failed_execution_leaves_outputs_untouched(engines):
 def _copy_engine(src: Path, dst_dir: Path, data: bytes | None = None) -> Path:
     dst = dst_dir / "copy.engine"
     dst.write_bytes(src.read_bytes() if data is None else data)
-    sidecar_path(dst).write_text(sidecar_path(src).read_text())
+    write_sidecar(dst, json.loads(sidecar_path(src).read_text()))  # records dst's own size and sha256
     return dst
 
 

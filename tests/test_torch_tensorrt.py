@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import types
 
@@ -15,7 +14,7 @@ from toolkit.builders.build import BuildError
 from toolkit.runtime.engine import detect_backend
 from toolkit.errors import EngineError
 from toolkit.export.permutation import match_permutation
-from toolkit.runtime.sidecar import sidecar_path
+from toolkit.runtime.sidecar import sidecar_path, write_sidecar
 
 HINT = "pip install 'rtdetr-deploy[torch-tensorrt]'"
 
@@ -36,7 +35,7 @@ def fake_program(tiny_model, tmp_path):
         sidecar = {"backend": "torch-tensorrt", "device": "cuda", "gpu_name": "NVIDIA H100", "compute_capability": "9.0",
                    "torch_tensorrt_version": "2.14.0", "tensorrt_version": "11.1.0", "precision": "fp32",
                    "signature": tiny_model.signature().with_bounds(N=(1, 4)).to_dict()} | meta
-        sidecar_path(path).write_text(json.dumps(sidecar))
+        write_sidecar(path, sidecar)  # with the placeholder's size and sha256, as a build writes it
         return path
 
     return write

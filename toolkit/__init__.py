@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TensorSpec": "signature", "Signature": "signature", "PreprocessSpec": "signature",
     "BindingError": "errors", "ToolkitError": "errors", "ExportError": "errors", "EngineError": "errors",
-    "ConfigError": "errors", "CheckpointError": "errors", "InputError": "errors",
+    "ConfigError": "errors", "CheckpointError": "errors", "InputError": "errors", "IntegrityError": "errors",
+    "MissingDependencyError": "errors",
     "Binder": "runtime.binding",
     "load_model": "models.loading", "build_model": "models.config", "available_configs": "models.config",
     "preprocess": "runtime.preprocessing", "read_image": "runtime.preprocessing",

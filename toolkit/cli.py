@@ -60,11 +60,12 @@ def export(
     from .export.onnx import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
-                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision)
+                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision,
+                         progress=True)
     if result.verify is not None:
         console.print(result.verify.summary())
     for note in result.lints:
-        console.print(f"[yellow]lint:[/yellow] {note}")
+        console.print(f"[yellow]lint:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     console.print(f"wrote {result.path} in {result.seconds:.1f} s")
 
@@ -95,10 +96,10 @@ def inspect(
     meta.add_column("key")
     meta.add_column("value", overflow="fold")
     for k, v in sorted(report.metadata.items()):
-        meta.add_row(k, v if isinstance(v, str) else json.dumps(v))
+        meta.add_row(escape(k), escape(v if isinstance(v, str) else json.dumps(v)))
     console.print(meta)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 @app.command()
@@ -111,15 +112,24 @@ def run(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Config for a weights file."),
     score_threshold: float = typer.Option(0.3, help="Keep detections scoring at least this."),
     batch_size: int = typer.Option(8, help="Images per engine call."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out images that cannot be read (listed) instead of stopping."),
 ) -> None:
-    """Run a model on images; write detections.json (COCO results) and annotated images."""
+    """Run a model on images; write detections.json (COCO results) and annotated images.
+
+    Boxes refer to each image as displayed (EXIF orientation applied). Unreadable images stop the run before
+    anything is written, all of them listed; --skip-bad processes the others.
+    """
     from .tasks.run import run as run_images
 
     options = {"config": config} if config else {}
     result = run_images(model, images, output, backend=backend, device=device, score_threshold=score_threshold,
-                        batch_size=batch_size, **options)
+                        batch_size=batch_size, skip_bad=skip_bad, **options)
+    for path, why in result.skipped.items():
+        err_console.print(f"[yellow]skipped:[/yellow] {escape(why)}", highlight=False, soft_wrap=True)
     n = sum(len(d.above(score_threshold).scores) for d in result.detections)
-    console.print(f"{len(result.detections)} images, {n} detections >= {score_threshold}: {result.results_path}")
+    skipped = f" ({len(result.skipped)} unreadable skipped)" if result.skipped else ""
+    console.print(f"{len(result.detections)} images{skipped}, {n} detections >= {score_threshold}: {escape(str(result.results_path))}",
+                  highlight=False)
 
 
 @app.command()
@@ -169,8 +179,9 @@ def validate(
 @app.command()
 def build(
     onnx: Optional[Path] = typer.Argument(None, help="ONNX file (from 'rtdetr-deploy export'); optional with --model."),
-    output: Path = typer.Option(Path("model.engine"), "--output", "-o", help="Engine file to write (a .json sidecar goes beside it)."),
-    backend: str = typer.Option("tensorrt", help="tensorrt, tensorrt-rtx, or a backend that compiles the model: aoti."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine file to write (a .json sidecar goes beside it); default model.engine / model.pt2 / model.ep."),
+    backend: Optional[str] = typer.Option(None, help="tensorrt, tensorrt-rtx, or a backend that compiles the model: aoti "
+                                          "(default: from -o's suffix, else TensorRT where installed, else aoti)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (checked in the built engine; TensorRT 11/RTX need an fp16 ONNX)."),
     batch: str = typer.Option("1,1,8", help="MIN,OPT,MAX of the dynamic batch dim."),
     workspace: Optional[float] = typer.Option(None, help="TensorRT: workspace memory pool limit in GiB."),
@@ -189,6 +200,7 @@ def build(
         parts = ()
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
+    backend, output = _build_target(backend, output, from_model=model is not None)
     if model is not None:
         if backend not in MODEL_BUILDERS:
             raise InputError(f"--model is for backends that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
@@ -202,11 +214,34 @@ def build(
         result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
                               timing_cache=timing_cache, cache=cache, device=device)
     for note in result.warnings:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     if result.metadata.get("orig_target_sizes_note"):
-        console.print(result.metadata["orig_target_sizes_note"])
-    console.print(result.summary())
+        console.print(escape(result.metadata["orig_target_sizes_note"]))
+    console.print(escape(result.summary()))
+
+
+_BUILD_SUFFIXES = {".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
+_BUILD_OUTPUTS = {"tensorrt": "model.engine", "tensorrt-rtx": "model.engine", "aoti": "model.pt2", "torch-tensorrt": "model.ep"}
+
+
+def _build_target(backend: Optional[str], output: Optional[Path], from_model: bool = False) -> tuple[str, Path]:
+    """The backend (given, else from the output's suffix, else the best one installed, said in a note) and the output."""
+    if backend is None:
+        if output is not None and output.suffix.lower() in _BUILD_SUFFIXES:
+            backend = _BUILD_SUFFIXES[output.suffix.lower()]
+        elif from_model:  # --model: a backend that compiles the torch model
+            backend = "aoti"
+        else:
+            import importlib.util
+
+            from .runtime.backends.tensorrt import MODULE_NAMES
+
+            have_trt = any(importlib.util.find_spec(name) is not None for name in MODULE_NAMES)
+            backend = "tensorrt" if have_trt else "aoti"
+            console.print(f"note: building with --backend {backend}"
+                          + ("" if have_trt else " (TensorRT is not installed here: an AOTInductor package)"), highlight=False)
+    return backend, output if output is not None else Path(_BUILD_OUTPUTS.get(backend, "model.engine"))
 
 
 def _inductor_options(pairs: list[str]) -> dict[str, Any]:
@@ -248,11 +283,13 @@ def bench(
 
     choices = {"off": (False,), "on": (True,), "both": (False, True)}
     if cuda_graphs not in choices:
-        from .errors import InputError
-
         raise InputError(f"--cuda-graphs takes off, on or both, got {cuda_graphs!r}")
     graphs = choices[cuda_graphs]
-    report = run_bench(model, backends=backends.split(","), batches=[int(b) for b in batch.split(",")],
+    try:
+        batches = [int(b) for b in batch.split(",")]
+    except ValueError:
+        raise InputError(f"--batch takes comma-separated batch sizes such as 1,8,32, got {batch!r}") from None
+    report = run_bench(model, backends=backends.split(","), batches=batches,
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
                        check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
                        profile=profile, check_images=check_images, aoti_configs=_inductor_options(aoti_config))
@@ -260,7 +297,7 @@ def bench(
     for col in TABLE_HEADER:
         table.add_column(col)
     for row in table_rows(report.to_dict()):
-        table.add_row(*row)
+        table.add_row(*(escape(str(c)) for c in row))
     console.print(table)
     if report.binder_overhead_us is not None:
         console.print(f"binder overhead per call: {report.binder_overhead_us:.1f} us (median)")
@@ -269,7 +306,11 @@ def bench(
         console.print(f"profile {p['config']} b{p['batch']}: kernels {p['kernel_ms_per_call']:.2f} ms of {p['wall_ms_per_call']:.2f} ms "
                       f"wall (GPU idle {p['gpu_idle_share']:.0%}, {p['kernel_launches_per_call']} launches); {kinds}")
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}", highlight=False)
+    if not any(r.status == "ok" for r in report.rows):
+        err_console.print("[red]error:[/red] no configuration could be measured (every row above failed, was refused "
+                          "or cannot run here)", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command(name="eval")
@@ -289,7 +330,7 @@ def eval_(
     if data is None and synthetic is None:
         synthetic = 500
     report = evaluate(model, data, synthetic, tuple(b for b in backends.split(",") if b), device, tolerance=tolerance, progress=True)
-    console.print(report.table(), highlight=False)
+    console.print(escape(report.table()), highlight=False)
     if json_path is not None:
         write_text(json_path, json.dumps(report.to_dict(), indent=1))
     if not report.agree:
@@ -305,8 +346,8 @@ def demo(
     """The whole toolkit on the shipped trained fixture: export, verify, build, run, compare, eval, report."""
     from .tasks.demo import demo as run_demo
 
-    report = run_demo(output, device=device, eval_images=eval_images, say=lambda line: console.print(line, highlight=False))
-    console.print(report.eval_table, highlight=False)
+    report = run_demo(output, device=device, eval_images=eval_images, say=lambda line: console.print(escape(line), highlight=False))
+    console.print(escape(report.eval_table), highlight=False)
     console.print(f"demo {'PASS' if report.ok else 'FAIL'}: {report.output_dir / 'report.md'}")
     if not report.ok:
         raise typer.Exit(1)
@@ -314,6 +355,17 @@ def demo(
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: ToolkitError -> one line on stderr, exit 2."""
+    from .atomic import install_signal_handlers, restore_signal_handlers
+
+    previous = install_signal_handlers()  # SIGTERM/SIGHUP/SIGINT: unfinished files removed, one line, exit 128+n
+    try:
+        return _main_body(argv)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _main_body(argv: Optional[list[str]]) -> int:
+    from .atomic import Interrupted
     from .errors import ToolkitError
 
     try:
@@ -323,6 +375,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
+    except Interrupted as e:  # the handler already printed its line
+        return int(e.code)
+    except KeyboardInterrupt:
+        err_console.print("rtdetr-deploy: stopped by SIGINT", highlight=False)
+        return 130
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
     except typer.Abort:

@@ -44,3 +44,7 @@ class InputError(ToolkitError):
 
 class ComparisonError(ToolkitError):
     """Two backends disagree, a sentinel fired on one of them, or a validation stage broke."""
+
+
+class IntegrityError(EngineError):
+    """An artifact whose bytes are not the ones the toolkit wrote (size, sha256 or zip CRC differ)."""

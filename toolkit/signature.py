@@ -169,7 +169,23 @@ def from_onnx(path_or_model: Any) -> Signature:
     inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(spec(v) for v in model.graph.output)
     meta = {p.key: p.value for p in model.metadata_props}
-    preprocess = PreprocessSpec(**json.loads(meta["preprocess"])) if "preprocess" in meta else None
+    preprocess = _preprocess_metadata(meta["preprocess"]) if "preprocess" in meta else None
     symbols = {d for t in inputs + outputs for d in t.shape if isinstance(d, str)}
     bounds = {s: (1, None) for s in symbols}
     return Signature(inputs, outputs, bounds, preprocess)
+
+
+def _preprocess_metadata(text: str) -> PreprocessSpec:
+    """The ``preprocess`` metadata entry, or a :class:`~toolkit.errors.SignatureError` that says what is wrong with it."""
+    from .errors import SignatureError
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SignatureError(f"metadata preprocess is not valid JSON ({e}); re-export the file") from None
+    if not isinstance(data, dict):
+        raise SignatureError(f"metadata preprocess must be a JSON object, got {text[:60]!r}; re-export the file")
+    try:
+        return PreprocessSpec(**data)
+    except (TypeError, ValueError) as e:
+        raise SignatureError(f"metadata preprocess does not describe a preprocessing ({e}); re-export the file") from None

@@ -40,6 +40,7 @@ from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
 from ..numerics import tf32
+from ..progress import Steps
 from ..runtime.sidecar import sidecar_path, write_sidecar
 from ..signature import CONTRACT_VERSION
 from .build import BuildError, _copy, cache_dir
@@ -130,16 +131,13 @@ def _export_and_compile(body: nn.Module, example: tuple[torch.Tensor, torch.Tens
     """Export ``body`` (dynamic batch in [lo, hi]), then ``compile_to(program, tmp)`` into a temporary folder beside
     ``output``; ``tmp`` is renamed to ``output`` only once complete, so a failed build leaves nothing behind.
     ``compiling``: the progress message while ``compile_to`` runs (``tmp_name``: the name it expects to write)."""
-    from rich.console import Console
-
-    status = Console(stderr=True).status("exporting with torch.export", spinner="dots") if progress else contextlib.nullcontext()
+    steps = Steps("build", enabled=progress)  # lines with elapsed time, also in logs (a spinner needs a terminal)
     tmpdir = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
-        with status:
+        with steps.step("exporting with torch.export"):
             program = _export(body, example, lo, hi)
-            if progress:
-                status.update(compiling)
-            tmp = tmpdir / tmp_name
+        tmp = tmpdir / tmp_name
+        with steps.step(compiling):
             compile_to(program, tmp)
         os.replace(tmp, output)
     finally:

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..atomic import atomic_path, check_output_path
 from ..errors import EngineError, InputError
+from ..integrity import check_onnx
 from ..runtime.sidecar import read_sidecar, sidecar_path
 from ..signature import Signature
 
@@ -172,6 +173,7 @@ def build_engine(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: no such ONNX file")
+    check_onnx(onnx_path)  # an exported file that changed since is refused before anything is built from it
     output = check_output_path(output)
     if backend in MODEL_BUILDERS:
         if workspace_gib is not None or timing_cache is not None:
@@ -187,8 +189,13 @@ def build_engine(
                  "environment": module.environment(backend, **options)}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
     cached_engine = cache_dir() / f"{key}.engine"
+    meta = None
     if cache and cached_engine.is_file() and sidecar_path(cached_engine).is_file():
-        meta = read_sidecar(cached_engine)
+        try:
+            meta = read_sidecar(cached_engine)  # a damaged cache entry is a miss, rebuilt below
+        except EngineError:
+            meta = None
+    if meta is not None:
         _copy(cached_engine, output)
         _copy(sidecar_path(cached_engine), sidecar_path(output))
         return BuildResult(output, sidecar_path(output), Signature.from_dict(meta["signature"]), backend, meta.get("precision", precision),

@@ -20,9 +20,11 @@ import torch
 from .. import __version__
 from ..atomic import atomic_path, check_output_path
 from ..errors import ExportError
+from ..integrity import ONNX_KEY, ONNX_PLACEHOLDER, seal_onnx
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
+from ..progress import Steps
 from ..signature import (
     CONTRACT_VERSION,
     INPUT_IMAGES,
@@ -95,12 +97,14 @@ def export_onnx(
     simplify: bool = False,
     verify: bool = True,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> ExportResult:
     """Export ``model`` (anything :func:`toolkit.models.loading.load_model` accepts) to a verified ONNX file at ``output``.
 
     ``precision="fp16"`` (or ``"bf16"``) exports the network body in half precision while the I/O, the
     sigmoid, top-K and box scaling stay fp32: reduced precision as a property of the graph, which is what
     strongly typed builders (TensorRT 11, TensorRT-RTX) need, and what ONNX Runtime CUDA runs as is.
+    ``progress``: a line on stderr per step (load, trace, check, verify) with its elapsed time.
     """
     import onnx
 
@@ -111,7 +115,9 @@ def export_onnx(
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"ONNX precision must be fp32 or fp16, got {precision!r} (torch's ONNX exporter cannot "
                           "trace a bfloat16 body; for bf16 use the AOTInductor build: rtdetr-deploy build --backend aoti)")
-    deploy = load_model(model, config=config).eval()
+    steps = Steps("export", enabled=progress)
+    with steps.step("loading the model"):
+        deploy = load_model(model, config=config).eval()
     if size is not None:
         deploy = _resize_model(deploy, tuple(size))
     device = next(deploy.parameters()).device
@@ -123,7 +129,8 @@ def export_onnx(
     traced = deploy if precision == "fp32" else ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).eval()
     with atomic_path(output) as tmp:
         try:
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            with steps.step(f"tracing with torch.onnx.export (opset {opset})"), warnings.catch_warnings(), \
+                    torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(traced, (images, sizes), str(tmp), input_names=[INPUT_IMAGES, INPUT_SIZES],
                                   output_names=list(OUTPUTS), opset_version=opset, dynamic_axes=axes, dynamo=False)
@@ -141,6 +148,7 @@ def export_onnx(
             "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
             "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
+            ONNX_KEY: ONNX_PLACEHOLDER,  # sealed below with the file's size and sha256
         }
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
@@ -150,9 +158,11 @@ def export_onnx(
         except Exception as e:
             raise ExportError(f"onnx.checker rejected the exported graph: {e}") from None
         onnx.save(onnx_model, str(tmp))
+        seal_onnx(tmp)
         report = None
         if verify:
-            report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
+            with steps.step("verifying the file against torch in ONNX Runtime"):
+                report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
             if not report.ok:
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
     return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)

@@ -119,6 +119,9 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: a checkpoint directory needs config.json (a Hugging Face checkpoint)")
+        if config is not None:  # ignoring it would record a config the model does not have
+            raise ConfigError(f"{path} is a checkpoint directory, which carries its own config (config.json); "
+                              f"drop --config {config} (configs are for weights files and random weights)")
         return load_hf_directory(path)
     from .official import load_official_checkpoint, looks_official
 

@@ -16,7 +16,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError, or OSError for unreadable files
+            raise CheckpointError(f"{path}: not a safetensors file ({e.__class__.__name__}: "
+                                  f"{(str(e).strip().splitlines() or [''])[0]}); a pickled checkpoint needs a .pth/.pt name") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:

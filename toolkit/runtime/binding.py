@@ -11,8 +11,10 @@ Cast policies:
   * ``"none"``: any dtype mismatch is refused.
   * ``"unsafe"``: any conversion ``Tensor.to`` performs (e.g. fp32 -> fp16 for an fp16-I/O engine).
 
-Value checks (``check_values=True``, the default) refuse NaN/Inf in float inputs and ``images`` far
-outside the model's declared value range (0-255 pixels fed to a [0,1] model). They read the tensor's
+Value checks (``check_values=True``, the default) refuse NaN/Inf in float inputs, ``images`` far
+outside the model's declared value range (0-255 pixels fed to a [0,1] model) and ``orig_target_sizes``
+that are not positive (they would give negative boxes). ``orig_target_sizes`` in uint8/int8/bool are
+always refused: image sizes do not fit them, so the values came wrapped. They read the tensor's
 min/max, which synchronizes a CUDA stream; pass ``check_values=False`` on latency-critical paths.
 """
 
@@ -25,7 +27,7 @@ import torch
 
 from .. import dtypes
 from ..errors import BindingError
-from ..signature import INPUT_IMAGES, Signature, TensorSpec
+from ..signature import INPUT_IMAGES, INPUT_SIZES, Signature, TensorSpec
 
 CAST_POLICIES = ("safe", "none", "unsafe")
 _FLOAT_WIDENING = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
@@ -106,11 +108,25 @@ class Binder:
     def _bind_one(self, spec: TensorSpec, value: Any, dims: dict[str, int]) -> torch.Tensor:
         t = self._as_tensor(spec, value)
         self._check_shape(spec, t, dims)
+        if spec.name == INPUT_SIZES:
+            self._check_sizes_dtype(spec, t)
         t = self._check_device(spec, t)
         t = self._convert_dtype(spec, t)
         if self.check_values and t.is_floating_point() and t.numel():
             self._check_values(spec, t)
+        if self.check_values and spec.name == INPUT_SIZES and t.numel():
+            low = t.min().item()
+            if low <= 0:
+                raise BindingError(f"{spec.name}: image sizes must be positive (w, h) in pixels, got a value of {low}; "
+                                   "pass the original image sizes (toolkit.preprocess returns them)")
         return t.contiguous()
+
+    def _check_sizes_dtype(self, spec: TensorSpec, t: torch.Tensor) -> None:
+        """Image sizes in a type too narrow for them were already wrapped by the caller (640 as uint8 is 128):
+        converting them would hide that, so they are refused whatever the engine declares."""
+        if t.dtype in (torch.uint8, torch.int8, torch.bool):
+            raise BindingError(f"{self._expect(spec, t)}: {_dt(t.dtype)} cannot hold image sizes (640 as uint8 is 128), so "
+                               f"these values may already be wrapped; build them with torch.tensor([[w, h]], dtype=torch.{spec.dtype})")
 
     def _as_tensor(self, spec: TensorSpec, value: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):

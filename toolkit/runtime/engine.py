@@ -33,6 +33,21 @@ def detect_backend(source: Any) -> str:
     return "torch"  # checkpoint directory, weights file or config name: the eager model
 
 
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """``cpu``, ``cuda``, ``cuda:1``... as a torch.device; anything else is an :class:`EngineError` naming it."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EngineError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise EngineError(f"device {device!r} is not supported here; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} asked for a CUDA GPU, and this torch sees none; use --device cpu")
+    return parsed
+
+
 def load(source: Any, backend: str | None = None, device: str | torch.device | None = None, **options: Any) -> BaseEngine:
     """Load anything runnable as an :class:`Engine`.
 
@@ -40,8 +55,10 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
     ``nn.Module``, checkpoint or config name (eager torch). ``options`` go to the backend and the binder
     (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
     replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.runtime.cudagraph.CudaGraphEngine`
-    for the others).
+    for the others). A file the toolkit wrote is first checked against its recorded size and sha256
+    (:mod:`toolkit.integrity`): a changed file raises :class:`~toolkit.errors.IntegrityError` naming it.
     """
+    parse_device(device)  # an unknown device is an error before anything is read
     backend = backend or detect_backend(source)
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -55,7 +72,7 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
     graph = backend != "onnxruntime" and bool(options.pop("cuda_graph", False))  # ONNX Runtime captures its own
     if graph and backend == "aoti":
         options["run_single_threaded"] = True  # the default AOTI runner synchronizes in ways stream capture refuses
-    engine = module.load(source, device=torch.device(device) if device is not None else None, **options)
+    engine = module.load(source, device=parse_device(device), **options)
     if graph:
         from .cudagraph import CudaGraphEngine
 

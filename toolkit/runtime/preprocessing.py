@@ -18,20 +18,55 @@ from ..signature import INPUT_IMAGES, PreprocessSpec
 if TYPE_CHECKING:
     from ..base import BaseEngine
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+PILLOW_SUFFIXES = (".bmp",)  # torchvision.io cannot decode these; Pillow (optional) can
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", *PILLOW_SUFFIXES)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file into a uint8 RGB tensor [3,H,W]; a clear error for anything that is not an image."""
+    """Decode an image file into a uint8 RGB tensor [3,H,W] as it is displayed; a clear error for anything else.
+
+    The EXIF orientation is applied (a phone photo stored sideways is turned upright), so boxes refer to the
+    image as viewers show it. 16-bit images are scaled to 8 bits. Formats torchvision cannot decode (BMP)
+    are read with Pillow.
+    """
     from torchvision.io import ImageReadMode, decode_image
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"image {p}: no such file")
     try:
-        return decode_image(str(p), mode=ImageReadMode.RGB)
-    except Exception as e:  # torchvision raises RuntimeError for undecodable bytes
-        raise InputError(f"image {p}: not a readable image ({e.__class__.__name__}: {e})") from None
+        img = decode_image(str(p), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except Exception as e:  # torchvision raises RuntimeError for undecodable bytes and formats it lacks
+        img = _read_with_pillow(p, e)
+    if img.ndim == 4:  # an animated GIF: its first frame, as viewers show before playing
+        img = img[0]
+    if img.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        from torchvision.transforms.v2.functional import to_dtype
+
+        img = to_dtype(img, torch.uint8, scale=True)
+    return img
+
+
+def _read_with_pillow(p: Path, first: Exception) -> torch.Tensor:
+    try:
+        from PIL import Image, ImageOps
+        from torchvision.transforms.v2.functional import pil_to_tensor
+    except ImportError:
+        if p.suffix.lower() in PILLOW_SUFFIXES:
+            raise InputError(f"image {p}: {p.suffix} files need Pillow (pip install pillow); or convert it to PNG or JPEG") from None
+        Image = None
+    try:
+        if Image is None:
+            raise first
+
+        with Image.open(p) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = im.point(lambda v: v / 256).convert("L")
+            return pil_to_tensor(im.convert("RGB"))
+    except Exception:
+        raise InputError(f"image {p}: not a readable image ({first.__class__.__name__}: "
+                         f"{(str(first).strip().splitlines() or [''])[0]})") from None
 
 
 def list_images(paths: Sequence[str | Path]) -> list[Path]:

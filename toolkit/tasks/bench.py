@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..atomic import write_text
-from ..errors import ToolkitError
+from ..errors import InputError, ToolkitError
 from ..models.loading import load_model
 from ..runtime.base import BaseEngine
 from ..signature import INPUT_IMAGES, INPUT_SIZES
@@ -268,6 +268,14 @@ def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_gra
     return (None if ev.agree else ev.message), done
 
 
+def check_bench_arguments(batches: Sequence[int], warmup: int, iters: int, check_images: int = 0) -> None:
+    """Counts that would make a table of nothing (or crash a median) are refused up front."""
+    for name, values, least in (("batch sizes", list(batches) or [0], 1), ("iters", [iters], 1), ("warmup", [warmup], 0),
+                                ("check_images", [check_images], 0)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values):
+            raise InputError(f"{name} must be integers of at least {least}, got {', '.join(map(repr, values))}")
+
+
 def bench(
     model: Any,
     *,
@@ -298,6 +306,7 @@ def bench(
     ``aoti_configs``: ``torch._inductor`` options for the AOTInductor builds (e.g. ``force_layout_optimization``,
     ``freezing``, ``max_autotune``), recorded in the report's environment.
     """
+    check_bench_arguments(batches, warmup, iters, check_images)
     from tqdm import tqdm
 
     dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))

@@ -176,6 +176,8 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
 
     if (data_dir is None) == (synthetic is None):
         raise InputError("give either data_dir or synthetic=N")
+    if synthetic is not None and (isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 1):
+        raise InputError(f"--synthetic takes a number of images of at least 1, got {synthetic!r}")
     with tempfile.TemporaryDirectory(prefix="rtdetr-eval-") as tmp:
         work = Path(tmp)
         engines = _engines(model_or_engine_source, backends, device, work)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, SignatureError
+from ..integrity import check_onnx, check_zip
 from ..signature import Signature, from_onnx
 
 INT64_WARNING = ("input {name} is declared int64. TensorRT 8 casts int64 inputs to int32: a torch int64 tensor "
@@ -37,13 +38,18 @@ def inspect_file(path: str | Path) -> InspectReport:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is empty (0 bytes), probably from an interrupted write or copy")
     if p.suffix.lower() == ".onnx":
         import onnx
 
+        check_onnx(p)
         try:
             model = onnx.load(str(p), load_external_data=False)
         except Exception as e:
             raise InputError(f"{p}: not a readable ONNX file ({e.__class__.__name__})") from None
+        if not model.graph.node or not model.graph.output:
+            raise InputError(f"{p}: not an ONNX model (no graph nodes or outputs)")
         meta: dict[str, Any] = {}
         for prop in model.metadata_props:
             try:
@@ -52,15 +58,24 @@ def inspect_file(path: str | Path) -> InspectReport:
                 meta[prop.key] = prop.value
         meta["opset"] = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         meta["producer"] = f"{model.producer_name} {model.producer_version}".strip()
-        sig = from_onnx(model)
+        try:
+            sig = from_onnx(model)
+        except SignatureError as e:
+            raise InputError(f"{p}: {e}") from None
         return InspectReport(p, "onnx", sig, meta, _warnings(sig))
     from ..runtime.sidecar import read_sidecar
 
-    meta = read_sidecar(p)
-    sig = Signature.from_dict(meta["signature"])
+    meta = read_sidecar(p)  # refuses a file that is not the one its sidecar was written for
+    if p.suffix.lower() == ".pt2":
+        check_zip(p)
+    try:
+        sig = Signature.from_dict(meta["signature"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{p}: its sidecar's signature is not valid ({e.__class__.__name__}: {e}); rebuild it") from None
     kind = meta.get("backend", p.suffix.lstrip("."))
     warnings = []
-    for t in sig.inputs:
+    tensorrt = kind in ("tensorrt", "tensorrt-rtx") or p.suffix.lower() in (".engine", ".plan")
+    for t in sig.inputs if tensorrt else ():  # raw-pointer binding of narrowed int inputs is a TensorRT matter
         if t.dtype == "int64":
             warnings.append(f"input {t.name} is int64 in this engine (TensorRT 10/11 keep int64): bind int64 tensors; "
                             "toolkit.load() checks this for you")

@@ -1,11 +1,20 @@
-"""``rtdetr-deploy run``: preprocess images, infer with any engine, write COCO results and annotated images."""
+"""``rtdetr-deploy run``: preprocess images, infer with any engine, write COCO results and annotated images.
+
+Every input is checked before anything is written: a folder with broken files is reported in full (each
+file and why), and processed without them only when asked (``skip_bad=True``, ``--skip-bad``), so a results
+folder never holds partial results that look complete. Boxes refer to each image as it is displayed (its
+EXIF orientation applied). Annotated images get distinct names (``a.jpg`` and ``a.png`` never share one).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+import torch
 
 from ..atomic import write_text
 from ..errors import InputError
@@ -27,39 +36,106 @@ class RunResult:
     detections: list[Detections]
     files: list[Path]
     results_path: Path
+    skipped: dict[Path, str] = field(default_factory=dict)  # broken inputs left out (skip_bad=True): file -> why
+    images: list[Path] = field(default_factory=list)  # the inputs the detections belong to, in order
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _check_all(paths: Sequence[Path]) -> tuple[list[Path], dict[Path, str]]:
+    """Decode every image once (then drop it: a large folder must not sit in memory) to find the broken ones."""
+    good, bad = [], {}
+    for p in paths:
+        try:
+            read_image(p)
+            good.append(p)
+        except InputError as e:
+            bad[p] = str(e)
+    return good, bad
+
+
+def _batches(engine: BaseEngine, paths: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path, torch.Tensor, Detections]]]:
+    check_batch_size(batch_size)
+    spec = engine_preprocess(engine)
+    _, hi = engine.signature.bounds("N")
+    step = min(batch_size, hi) if hi else batch_size
+    for i in range(0, len(paths), step):
+        chunk = list(paths[i:i + step])
+        images = [read_image(p) for p in chunk]
+        batch, sizes = preprocess(images, spec)
+        out = engine.infer({INPUT_IMAGES: batch.to(engine.device), INPUT_SIZES: sizes.to(engine.device)})
+        yield list(zip(chunk, images, split_batch(out)))
 
 
 def infer_images(engine: BaseEngine, paths: Sequence[Path], batch_size: int = 8) -> list[Detections]:
     """Detections for each image file, batched within the engine's batch range."""
-    spec = engine_preprocess(engine)
-    _, hi = engine.signature.bounds("N")
-    step = min(batch_size, hi) if hi else batch_size
-    dets: list[Detections] = []
-    for i in range(0, len(paths), step):
-        images, sizes = preprocess([read_image(p) for p in paths[i:i + step]], spec)
-        out = engine.infer({INPUT_IMAGES: images.to(engine.device), INPUT_SIZES: sizes.to(engine.device)})
-        dets += split_batch(out)
-    return dets
+    return [d for batch in _batches(engine, paths, batch_size) for _, _, d in batch]
+
+
+def annotated_names(paths: Sequence[Path]) -> list[str]:
+    """``STEM.det.png`` for each input, made distinct where stems repeat (``a.jpg``, ``a.png``, ``x/a.jpg``)."""
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    names, used = [], set()
+    for p in paths:
+        base = p.stem if stems[p.stem] == 1 else f"{p.stem}.{p.suffix.lstrip('.').lower() or 'noext'}"
+        name, n = f"{base}.det.png", 1
+        while name in used:
+            n += 1
+            name = f"{base}-{n}.det.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def _prepare_output(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output directory {out_dir} cannot be created ({e.strerror or e.__class__.__name__})") from None
+    probe = out_dir / "detections.json"
+    if not os.access(out_dir, os.W_OK) or (probe.exists() and not os.access(probe, os.W_OK)):
+        raise InputError(f"output directory {out_dir} is not writable")
 
 
 def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, backend: str | None = None,
         device: str | None = None, score_threshold: float = 0.3, batch_size: int = 8, draw_images: bool = True,
-        **options: Any) -> RunResult:
-    """Run ``model`` (anything :func:`toolkit.load` takes, or an Engine) on image files; write results to ``output_dir``."""
-    engine = model if isinstance(model, BaseEngine) else load(model, backend=backend, device=device, **options)
+        skip_bad: bool = False, **options: Any) -> RunResult:
+    """Run ``model`` (anything :func:`toolkit.load` takes, or an Engine) on image files; write results to ``output_dir``.
+
+    Every image is decoded first. Broken ones raise one :class:`InputError` listing them all, before anything
+    is written; with ``skip_bad=True`` they are left out (``RunResult.skipped`` says why) and the rest run.
+    """
+    check_batch_size(batch_size)
     paths = list_images(images)
+    good, bad = _check_all(paths)
+    if bad and not skip_bad:
+        listing = "; ".join(bad.values())
+        raise InputError(f"{len(bad)} of {len(paths)} images cannot be read: {listing}. Nothing was written; "
+                         "fix or remove them, or pass --skip-bad (skip_bad=True) to process the others")
+    if not good:
+        raise InputError(f"none of the {len(paths)} images can be read: {'; '.join(bad.values())}")
     out_dir = Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dets = infer_images(engine, paths, batch_size)
-    records, files = [], []
-    for image_id, (path, d) in enumerate(zip(paths, dets), start=1):
-        kept = d.above(score_threshold)
-        records += kept.to_coco(image_id, path.name)
-        if draw_images:
-            target = out_dir / f"{path.stem}.det.png"
-            draw(read_image(path), kept, engine.class_names, target)
-            files.append(target)
-    results = write_text(out_dir / "detections.json", json.dumps(records, indent=1))
-    return RunResult(out_dir, dets, files, results)
+    _prepare_output(out_dir)
+    engine = model if isinstance(model, BaseEngine) else load(model, backend=backend, device=device, **options)
+    results_path = out_dir / "detections.json"
+    results_path.unlink(missing_ok=True)  # an earlier run's results must not pass for this run's if it fails midway
+    names = dict(zip(good, annotated_names(good)))
+    records, files, dets = [], [], []
+    for batch in _batches(engine, good, batch_size):
+        for path, image, d in batch:
+            dets.append(d)
+            kept = d.above(score_threshold)
+            records += kept.to_coco(len(dets), path.name)
+            if draw_images:
+                draw(image, kept, engine.class_names, out_dir / names[path])
+                files.append(out_dir / names[path])
+    results = write_text(results_path, json.dumps(records, indent=1))  # last: its presence means this run completed
+    return RunResult(out_dir, dets, files, results, bad, good)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ...errors import EngineError
+from ...integrity import check_zip
 from ...numerics import tf32
 from ...signature import OUTPUTS, Signature
 from ..base import BaseEngine
@@ -85,6 +86,7 @@ class AotiEngine(BaseEngine):
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{path}: its sidecar has no valid signature ({e.__class__.__name__}: {e}); rebuild the package") from None
         device = _check_device(path, meta, device or torch.device(meta.get("device") or "cpu"))
+        check_zip(path)  # a damaged entry must be an error here, not a crash inside AOTInductor
         _share_libstdcxx()
         try:
             self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ...errors import EngineError, MissingDependencyError
+from ...integrity import check_onnx
 from ...signature import from_onnx
 from ..base import BaseEngine
 from ..binding import BoundInputs, allocate_outputs
@@ -43,6 +44,20 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _class_names(path: Path, meta: dict[str, str]) -> list[str]:
+    """The ``class_names`` metadata: a JSON list of strings, or a clear error naming the file."""
+    if "class_names" not in meta:
+        return []
+    try:
+        names = json.loads(meta["class_names"])
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}: metadata class_names is not valid JSON ({e}); re-export the file") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise EngineError(f"{path}: metadata class_names must be a JSON list of strings, got {meta['class_names'][:60]!r}; "
+                          "re-export the file")
+    return names
+
+
 class OnnxRuntimeEngine(BaseEngine):
     backend = "onnxruntime"
 
@@ -50,6 +65,9 @@ class OnnxRuntimeEngine(BaseEngine):
                  cuda_graph: bool = False, tf32: bool = False, **options: Any) -> None:
         ort = import_onnxruntime()
         path = Path(path)
+        if not path.is_file():
+            raise EngineError(f"{path}: no such file")
+        check_onnx(path)  # a file the toolkit wrote must still be the one it wrote (size, sha256)
         try:
             signature = from_onnx(path)
         except Exception as e:
@@ -82,7 +100,7 @@ class OnnxRuntimeEngine(BaseEngine):
         except Exception as e:
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
-        names = json.loads(meta["class_names"]) if "class_names" in meta else []
+        names = _class_names(path, meta)
         super().__init__(signature, device, class_names=names, **options)
         self.path = path
         self.cuda_graph = cuda_graph

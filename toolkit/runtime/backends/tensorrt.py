@@ -52,8 +52,7 @@ def import_tensorrt(trt_module: Any = None, names: tuple[str, ...] = MODULE_NAME
         except ImportError:
             continue
     raise MissingDependencyError(f"TensorRT is not installed (tried to import {', '.join(names)}): {INSTALL_HINT} "
-                                 "(TensorRT-RTX: pip install tensorrt-rtx). For CPU tests use "
-                                 "toolkit.testing.make_fake_tensorrt() and pass trt_module=")
+                                 "(TensorRT-RTX: pip install tensorrt-rtx); without TensorRT, build with --backend aoti")
 
 
 def is_fake(trt: Any) -> bool:
@@ -127,9 +126,6 @@ class TensorRTEngine(BaseEngine):
     backend = "tensorrt"
 
     def __init__(self, path: str | Path, device: torch.device | None = None, *, trt_module: Any = None, **options: Any) -> None:
-        trt = import_tensorrt(trt_module)
-        self._trt = trt
-        self._fake = is_fake(trt)
         path = Path(path)
         if not path.is_file():
             raise EngineError(f"{path}: no such engine file")
@@ -137,7 +133,15 @@ class TensorRTEngine(BaseEngine):
         if not data:
             raise EngineError(f"{path} is empty (0 bytes), probably from an interrupted build or copy; rebuild it with "
                               "'rtdetr-deploy build model.onnx -o model.engine'")
-        meta = read_sidecar(path)
+        meta = read_sidecar(path)  # the file is checked against its sidecar before any library parses it
+        try:
+            trt = import_tensorrt(trt_module)
+        except MissingDependencyError as e:
+            raise MissingDependencyError(f"{path} is a TensorRT engine, and {e}; or run the ONNX it was built from "
+                                         "(rtdetr-deploy run model.onnx), or build a .pt2 with 'rtdetr-deploy build "
+                                         "model.onnx --backend aoti -o model.pt2'") from None
+        self._trt = trt
+        self._fake = is_fake(trt)
         device = self._pick_device(device)
         self._check_sidecar(path, meta, device)
         self._logger = make_logger(trt)
