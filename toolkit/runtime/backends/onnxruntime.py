@@ -84,6 +84,7 @@ class OnnxRuntimeEngine(BaseEngine):
         meta = self.session.get_modelmeta().custom_metadata_map
         names = json.loads(meta["class_names"]) if "class_names" in meta else []
         super().__init__(signature, device, class_names=names, **options)
+        self.random_weights = meta.get("random_weights")
         self.path = path
         self.cuda_graph = cuda_graph
         self._static: tuple[dict[str, int], BoundInputs, dict[str, torch.Tensor]] | None = None
