@@ -135,15 +135,15 @@ def compare(
     device_b: Optional[str] = typer.Option(None, help="Device for B."),
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Store A's inputs and outputs as a reference bundle."),
 ) -> None:
-    """Compare two backends as detectors; exit 1 when they disagree or a sentinel fires."""
+    """Compare two backends as detectors; exit 0 agree, 1 disagree (or a sentinel fires), 2 bad input, 3 inconclusive."""
     from .checks.compare import compare as compare_backends
 
     result = compare_backends(a, b, images, score_threshold=score_threshold, report_dir=report, backend_a=backend_a,
                               backend_b=backend_b, device_a=device_a, device_b=device_b, save_reference_dir=save_reference)
     console.print(result.table())
     console.print(result.summary(), highlight=False, soft_wrap=True)
-    if not result.ok:
-        raise typer.Exit(1)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -155,15 +155,16 @@ def validate(
     workdir: Optional[Path] = typer.Option(None, help="Keep exported and built files here."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.json and report.md here."),
 ) -> None:
-    """Run every stage (preprocess, torch, ONNX Runtime, built engines) and name the first broken one; exit 1 then."""
+    """Run every stage (preprocess, torch, ONNX Runtime, built engines); name the first broken one (exit 1), or the first
+    that could not be judged (exit 3)."""
     from .checks.validate import validate as validate_stages
 
     result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config)
     if report is not None:
         result.write(report)
     console.print(result.table())
-    if not result.ok:
-        raise typer.Exit(1)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()

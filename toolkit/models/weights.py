@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError
 from .contract import DeployModel, weights_sha256  # noqa: F401  (weights_sha256 is re-exported here)
