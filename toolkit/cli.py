@@ -56,7 +56,8 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
     precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
 ) -> None:
-    """Export a model behind the deploy contract to a verified ONNX file."""
+    """Export a model behind the deploy contract to a verified ONNX file; exit 2 (nothing written) when verify finds a
+    difference or NaN/Inf, 3 (file written) when it could not judge (tied query selection)."""
     from .export.onnx import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
@@ -67,6 +68,8 @@ def export(
         console.print(f"[yellow]lint:[/yellow] {note}")
     _print_signature(result.signature)
     console.print(f"wrote {result.path} in {result.seconds:.1f} s")
+    if result.verify is not None and result.verify.verdict == "inconclusive":
+        raise typer.Exit(3)
 
 
 def _print_signature(signature) -> None:
@@ -119,6 +122,8 @@ def run(
     result = run_images(model, images, output, backend=backend, device=device, score_threshold=score_threshold,
                         batch_size=batch_size, **options)
     n = sum(len(d.above(score_threshold).scores) for d in result.detections)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False, soft_wrap=True)
     console.print(f"{len(result.detections)} images, {n} detections >= {score_threshold}: {result.results_path}")
 
 

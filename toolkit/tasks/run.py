@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ class RunResult:
     detections: list[Detections]
     files: list[Path]
     results_path: Path
+    warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf in the outputs (also issued with warnings.warn)
 
 
 def infer_images(engine: BaseEngine, paths: Sequence[Path], batch_size: int = 8) -> list[Detections]:
@@ -53,6 +55,13 @@ def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, bac
         raise InputError(f"output {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     dets = infer_images(engine, paths, batch_size)
+    notes = []
+    broken = [p.name for p, d in zip(paths, dets) if not (d.scores.isfinite().all() and d.boxes_xyxy.isfinite().all())]
+    if broken:  # NaN scores fail every threshold: without this the run would look like "0 detections"
+        notes.append(f"the model's outputs hold NaN or Inf on {len(broken)} of {len(paths)} image(s) "
+                     f"({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}): those detections are dropped; "
+                     "the weights may hold NaN, or an fp16 engine overflowed (verify with rtdetr-deploy validate)")
+        warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
     records, files = [], []
     for image_id, (path, d) in enumerate(zip(paths, dets), start=1):
         kept = d.above(score_threshold)
@@ -62,4 +71,4 @@ def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, bac
             draw(read_image(path), kept, engine.class_names, target)
             files.append(target)
     results = write_text(out_dir / "detections.json", json.dumps(records, indent=1))
-    return RunResult(out_dir, dets, files, results)
+    return RunResult(out_dir, dets, files, results, notes)
