@@ -100,6 +100,7 @@ def test_nan_outputs_are_inconclusive(tiny_onnx, images_dir, tmp_path):
     assert report.reason.startswith("NaN or Inf in the outputs")
 
 
+@pytest.mark.slow
 def test_validate_and_bench_gate_refuse_inconclusive(tied, tmp_path):
     from toolkit.checks.validate import validate
     from toolkit.tasks.bench import bench
@@ -139,6 +140,7 @@ def test_config_weights_are_the_same_in_every_process_and_labelled(tmp_path):
     assert load_model(tmp_path / "w.safetensors", config="tiny").random_weights is None  # loaded weights: no label
 
 
+@pytest.mark.slow
 def test_export_of_a_config_name_is_labelled_in_metadata_sidecar_and_report(tmp_path):
     from toolkit.builders.build import build_engine
     from toolkit.testing import make_fake_tensorrt

@@ -142,8 +142,9 @@ def export_onnx(
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
             "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
         }
-        if getattr(deploy, "random_weights", None):  # generated, untrained weights: say so in every artifact
-            meta["random_weights"] = deploy.random_weights
+        generated = getattr(deploy, "random_weights", None)
+        if generated:  # generated, untrained weights: say so in every artifact
+            meta["random_weights"] = generated
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
             onnx_model.metadata_props.add(key=k, value=v)

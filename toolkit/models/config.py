@@ -132,9 +132,12 @@ def make_tie_free_(model: DeployModel, seed: int = 0, std: float = 0.3) -> Deplo
     top-K query selection is an exact tie that two correct backends break differently. Test models
     use this to get weights whose outputs can be compared; trained weights need nothing of the kind.
     """
+    generated = model.random_weights if isinstance(model, DeployModel) else None
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * std)
+    if generated:  # still generated weights: keep the label, saying how
+        model.mark_random_weights(f"{generated}, make_tie_free_(seed={seed}, std={std})")
     return model

@@ -261,12 +261,12 @@ def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_gra
         if not report.ok:
             return report.summary().splitlines()[0], "compare failed"
         if not images:
-            return None, f"compare {report.reason}"
+            return None, f"compare agrees ({report.reason})"
         ev = evaluate({"reference": ref, "candidate": candidate}, synthetic=images, tolerance=0.5)
     finally:
         artifacts.release()
     maps = {r.backend: r.mAP for r in ev.rows}
-    done = f"compare {report.reason}; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} (fp32 ONNX Runtime) on {images} images"
+    done = f"compare agrees; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} (fp32 ONNX Runtime) on {images} images; compare matched {report.compared} detections"
     return (None if ev.agree else ev.message), done
 
 
