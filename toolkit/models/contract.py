@@ -95,11 +95,12 @@ class DeployModel(nn.Module):
         self.top_k = int(top_k)
         self.contract = contract
         self.name = name
-        self._generated: tuple[str, str] | None = None  # (label, weights sha256) of generated weights
+        self._generated: tuple[str, str | None] | None = None  # (label, weights sha256) of generated weights
 
     def mark_random_weights(self, label: str) -> None:
         """Record that the current weights are generated, not trained (``label`` says how, e.g. the seed)."""
-        self._generated = (label, weights_sha256(self))
+        on_meta = any(t.is_meta for t in self.state_dict().values())  # built without data (parameter counts): no hash
+        self._generated = (label, None if on_meta else weights_sha256(self))
 
     @property
     def random_weights(self) -> str | None:
@@ -112,7 +113,7 @@ class DeployModel(nn.Module):
         if self._generated is None:
             return None
         label, digest = self._generated
-        return label if weights_sha256(self) == digest else None
+        return label if digest is None or weights_sha256(self) == digest else None
 
     @property
     def num_classes(self) -> int:

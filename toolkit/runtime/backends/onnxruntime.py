@@ -147,7 +147,6 @@ class OnnxRuntimeEngine(BaseEngine):
                 t.record_stream(self.stream)
         return outputs
 
-
     def _run_error(self, error: Exception, dims: dict[str, int]) -> str:
         """ONNX Runtime's failure as one line, with the likely cause."""
         first = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
