@@ -151,7 +151,8 @@ def test_r18_exports_and_runs_in_onnxruntime(r18_checkpoints, name, tmp_path):
     path, _ = r18_checkpoints[name]
     # load_model: official keys, no config; 256x256 (anchors regenerated) keeps the CPU time of the verification down
     result = export_onnx(load_model(path), tmp_path / "m.onnx", size=(256, 256), verify=True)
-    assert result.verify is not None and result.verify.ok
+    # untrained synthetic weights: the query selection may tie, so verify may be inconclusive; never a difference
+    assert result.verify is not None and result.verify.verdict != "disagree", result.verify.summary()
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     labels, boxes, scores = session.run(None, {"images": np.random.rand(1, 3, 256, 256).astype(np.float32),
                                                "orig_target_sizes": np.array([[640, 480]], dtype=np.int64)})

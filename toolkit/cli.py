@@ -56,7 +56,8 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
     precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
 ) -> None:
-    """Export a model behind the deploy contract to a verified ONNX file."""
+    """Export a model behind the deploy contract to a verified ONNX file; exit 2 (nothing written) when verify finds a
+    difference or NaN/Inf, 3 (file written) when it could not judge (tied query selection)."""
     from .export.onnx import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
@@ -68,6 +69,8 @@ def export(
         console.print(f"[yellow]lint:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     console.print(f"wrote {result.path} in {result.seconds:.1f} s")
+    if result.verify is not None and result.verify.verdict == "inconclusive":
+        raise typer.Exit(3)
 
 
 def _print_signature(signature) -> None:
@@ -127,6 +130,8 @@ def run(
     for path, why in result.skipped.items():
         err_console.print(f"[yellow]skipped:[/yellow] {escape(why)}", highlight=False, soft_wrap=True)
     n = sum(len(d.above(score_threshold).scores) for d in result.detections)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False, soft_wrap=True)
     skipped = f" ({len(result.skipped)} unreadable skipped)" if result.skipped else ""
     console.print(f"{len(result.detections)} images{skipped}, {n} detections >= {score_threshold}: {escape(str(result.results_path))}",
                   highlight=False)
@@ -145,15 +150,15 @@ def compare(
     device_b: Optional[str] = typer.Option(None, help="Device for B."),
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Store A's inputs and outputs as a reference bundle."),
 ) -> None:
-    """Compare two backends as detectors; exit 1 when they disagree or a sentinel fires."""
+    """Compare two backends as detectors; exit 0 agree, 1 disagree (or a sentinel fires), 2 bad input, 3 inconclusive."""
     from .checks.compare import compare as compare_backends
 
     result = compare_backends(a, b, images, score_threshold=score_threshold, report_dir=report, backend_a=backend_a,
                               backend_b=backend_b, device_a=device_a, device_b=device_b, save_reference_dir=save_reference)
     console.print(result.table())
     console.print(result.summary(), highlight=False, soft_wrap=True)
-    if not result.ok:
-        raise typer.Exit(1)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -165,15 +170,16 @@ def validate(
     workdir: Optional[Path] = typer.Option(None, help="Keep exported and built files here."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.json and report.md here."),
 ) -> None:
-    """Run every stage (preprocess, torch, ONNX Runtime, built engines) and name the first broken one; exit 1 then."""
+    """Run every stage (preprocess, torch, ONNX Runtime, built engines); name the first broken one (exit 1), or the first
+    that could not be judged (exit 3)."""
     from .checks.validate import validate as validate_stages
 
     result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config)
     if report is not None:
         result.write(report)
     console.print(result.table())
-    if not result.ok:
-        raise typer.Exit(1)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()

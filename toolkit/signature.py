@@ -88,6 +88,23 @@ class Signature:
     def bounds(self, symbol: str) -> tuple[int, int | None]:
         return self.dim_bounds.get(symbol, (0, None))
 
+    def fixed_batch_outputs(self) -> tuple[str | None, list[TensorSpec]]:
+        """(the inputs' symbolic batch dim, outputs whose batch dim is a fixed number): a file whose inputs take any
+        batch but whose outputs are declared ``[1,300]`` (torch.onnx's dynamo exporter does this) runs only at that batch."""
+        symbols = {t.shape[0] for t in self.inputs if t.shape and isinstance(t.shape[0], str) and t.shape[0] != "?"}
+        if len(symbols) != 1:
+            return None, []
+        return next(iter(symbols)), [t for t in self.outputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] >= 0]
+
+    def batch_warning(self) -> str | None:
+        """One line when :meth:`fixed_batch_outputs` finds any, else None."""
+        symbol, fixed = self.fixed_batch_outputs()
+        if not fixed:
+            return None
+        return (f"outputs {_shapes(fixed)} declare a fixed batch while the inputs' batch {symbol} is dynamic: the graph "
+                "probably runs only at that batch (torch.onnx's dynamo exporter bakes it in). Run it at that batch, or "
+                "re-export with dynamic output axes (rtdetr-deploy export does).")
+
     def with_bounds(self, **bounds: tuple[int, int | None]) -> "Signature":
         return replace(self, dim_bounds={**self.dim_bounds, **bounds})
 
@@ -124,6 +141,10 @@ class Signature:
         for kind, specs in (("input", self.inputs), ("output", self.outputs)):
             for t in specs:
                 yield kind, t.name, t.dtype, "[" + ",".join(str(d) for d in t.shape) + "]"
+
+
+def _shapes(specs: Iterable[TensorSpec]) -> str:
+    return ", ".join(f"{t.name} [{','.join(map(str, t.shape))}]" for t in specs)
 
 
 def _spec_dict(t: TensorSpec) -> dict[str, Any]:

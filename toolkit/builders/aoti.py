@@ -242,7 +242,8 @@ def _sidecar_info(deploy: DeployModel, backend: str, device: str, precision: str
     return {"backend": backend, "toolkit_version": __version__, "torch_version": torch.__version__,
             "contract_version": CONTRACT_VERSION, "device": device, "precision": precision,
             "batch": {"min": lo, "opt": opt, "max": hi}, "dynamic_batch": lo < hi, "config_name": deploy.name,
-            "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(), "class_names": deploy.class_names}
+            "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(), "class_names": deploy.class_names,
+            "random_weights": getattr(deploy, "random_weights", None)}  # set when the weights are generated, untrained
 
 
 def _cache_key(deploy: DeployModel, precision: str, batch: tuple[int, int, int], device: str, inductor: dict[str, Any]) -> str:

@@ -127,7 +127,7 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
 
         deploy = _resize_model(deploy, size)  # type: ignore[arg-type]
     if meta.get("weights_sha256") != weights_sha256(deploy):
-        why = ("a config name gives new random weights each time" if not Path(source).exists()
+        why = ("the config's generated weights are not those of the toolkit version that exported it" if not Path(source).exists()
                else "the checkpoint changed since the export")
         raise BuildError(f"{onnx_path} was exported from {source}, but the weights there are not the exported ones ({why}); {hint}")
     return deploy

@@ -299,6 +299,7 @@ def build(
                           "timing_cache": str(timing_cache) if timing_cache is not None else None},
         "signature": signature.to_dict(),
         "class_names": class_names,
+        "random_weights": _onnx_metadata(onnx_path).get("random_weights"),  # the export's label of generated weights
         "orig_target_sizes_note": _sizes_note(onnx_sig, signature, lib, ver),
         "notes": notes,
     }
@@ -358,14 +359,18 @@ def _load_timing_cache(config: Any, path: Path, notes: list[str]) -> Any:
     return cache
 
 
-def _onnx_class_names(path: Path) -> list[str]:
+def _onnx_metadata(path: Path) -> dict[str, str]:
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        return []
-    meta = {p.key: p.value for p in model.metadata_props}
+        return {}
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _onnx_class_names(path: Path) -> list[str]:
+    meta = _onnx_metadata(path)
     try:
         return list(json.loads(meta.get("class_names", "[]")))
     except json.JSONDecodeError:

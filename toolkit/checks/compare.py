@@ -9,8 +9,11 @@ Outputs are never compared elementwise: top-K positions reorder among near-equal
 label, detections are paired by an optimal assignment (``scipy.optimize.linear_sum_assignment``) over
 ``torchvision.ops.box_iou``; then matched fraction, unmatched detections, IoU, box shift, score deltas and
 label disagreements decide (:class:`Thresholds`). Sentinels (:mod:`toolkit.checks.sentinels`) run on each side
-alone. When outputs disagree and the model's query selection is tied (flat scores of untrained weights),
-the verdict is ``too_flat``: not judged, not failed.
+alone. Three verdicts: ``agree`` (on at least ``Thresholds.min_compared`` matched detections; with fewer
+above the score threshold, each image's top-K by score is compared instead and the report says so),
+``disagree``, and ``inconclusive``: too little matched even then, outputs that differ while the model's
+query selection is tied (flat scores of untrained weights: two correct backends may pick different
+queries), or NaN/Inf in the outputs. Only ``agree`` is ``ok``.
 """
 
 from __future__ import annotations
@@ -28,16 +31,7 @@ from .sentinels import Finding, check_empty, check_outputs
 from .sides import Side, _build_sides, _write_reference, selection_gap
 
 if TYPE_CHECKING:
-    pass
-
-
-# ---------------------------------------------------------------- sides
-
-
-# ---------------------------------------------------------------- flat scores
-
-
-# ---------------------------------------------------------------- compare
+    from ..runtime.detections import Detections
 
 
 def compare(
@@ -80,7 +74,12 @@ def compare(
 
 
 def judge(side_a: Side, side_b: Side, score_threshold: float, thresholds: Thresholds) -> CompareReport:
-    """Sentinels on each side, then per-image matching; the verdict of :func:`compare` for two aligned sides."""
+    """Sentinels on each side, then per-image matching; the verdict of :func:`compare` for two aligned sides.
+
+    ``agree`` needs at least ``thresholds.min_compared`` matched detections: when fewer score above
+    ``score_threshold``, the images are matched again on their ``thresholds.fallback_top_k`` best-scoring
+    detections (the threshold of each image is the lower of the two sides' k-th score) and the report says so.
+    """
     findings: list[Finding] = []
     for s in (side_a, side_b):
         findings += check_outputs(s.name, s.detections, s.keys, score_threshold=score_threshold, sizes_wh=s.sizes_wh,
@@ -91,16 +90,59 @@ def judge(side_a: Side, side_b: Side, score_threshold: float, thresholds: Thresh
     sizes = side_a.sizes_wh or side_b.sizes_wh or [None] * len(side_a.keys)
     stats = [match_image(k, da, db, score_threshold, thresholds, sz)
              for k, da, db, sz in zip(side_a.keys, side_a.detections, side_b.detections, sizes)]
-    verdict, notes = "agree", []
-    if any(not s.ok for s in stats):
-        verdict = "disagree"
+    selection = f"score >= {score_threshold}"
+    compared = sum(s.matched for s in stats)
+    if all(s.ok for s in stats) and compared < thresholds.min_compared:
+        k = thresholds.fallback_top_k
+        retry = [match_image(key, da, db, _kth_score(da, db, k), thresholds, sz)
+                 for key, da, db, sz in zip(side_a.keys, side_a.detections, side_b.detections, sizes)]
+        selection = (f"top-{k} per image by score, whatever the score: only {compared} detection(s) matched at "
+                     f"score >= {score_threshold}")
+        stats, compared = retry, sum(s.matched for s in retry)
+    notes = _random_weight_notes(side_a, side_b)
+    non_finite = [f for f in findings if f.check == "non_finite"]
+    others = [f for f in findings if f.check != "non_finite"]
+    bad = [s for s in stats if not s.ok]
+    if others:
+        verdict, reason = "disagree", others[0].message
+    elif non_finite:
+        verdict, reason = "inconclusive", f"NaN or Inf in the outputs: {non_finite[0].message}"
+    elif bad:
+        verdict, reason = "disagree", f"{len(bad)} of {len(stats)} images disagree"
         gap = _gap(side_a, side_b)
         if gap is not None and gap < TIE_GAP:
-            verdict = "too_flat"
-            notes.append(f"the model's query selection is tied (top-K boundary gap {gap:.2e} < {TIE_GAP}): its scores are "
-                         "too flat to judge, typical of untrained weights; two correct backends may pick different "
-                         "queries. Compare with trained weights (or toolkit.models.config.make_tie_free_ for tests).")
-    return CompareReport(side_a.name, side_b.name, verdict, score_threshold, thresholds, stats, findings, notes)
+            verdict = "inconclusive"
+            reason = (f"outputs differ on {len(bad)} of {len(stats)} images but the model's query selection is tied "
+                      f"(top-K boundary gap {gap:.2e} < {TIE_GAP})")
+            notes.append("tied query selection: the scores are too flat to judge, typical of untrained weights; two correct "
+                         "backends may pick different queries. Compare with trained weights (or "
+                         "toolkit.models.config.make_tie_free_ for tests).")
+    elif compared < thresholds.min_compared:
+        verdict = "inconclusive"
+        reason = f"only {compared} detection(s) matched, fewer than the {thresholds.min_compared} a verdict needs"
+    else:
+        verdict, reason = "agree", f"agree on {compared} detections over {len(stats)} images"
+    return CompareReport(side_a.name, side_b.name, verdict, score_threshold, thresholds, stats, findings, notes,
+                         reason=reason, compared=compared, selection=selection,
+                         random_weights={"a": side_a.random_weights, "b": side_b.random_weights})
+
+
+def _kth_score(a: Detections, b: Detections, k: int) -> float:
+    """The lower of the two sides' k-th best finite score (their lowest when they have fewer): a per-image threshold."""
+    kth = []
+    for d in (a, b):
+        finite = d.scores[d.scores.isfinite() & d.boxes_xyxy.isfinite().all(-1)]
+        if finite.numel():
+            kth.append(float(finite.sort(descending=True).values[min(k, finite.numel()) - 1]))
+    return min(kth) if kth else 0.0
+
+
+def _random_weight_notes(a: Side, b: Side) -> list[str]:
+    if a.random_weights and b.random_weights:
+        return [f"both sides run generated random weights ({a.name}: {a.random_weights}; {b.name}: {b.random_weights}): "
+                "this checks the deployment path, not a trained model's boxes"]
+    return [f"{s.name} runs generated random weights ({s.random_weights}): its boxes mean nothing about accuracy"
+            for s in (a, b) if s.random_weights]
 
 
 def _gap(a: Side, b: Side) -> float | None:

@@ -40,6 +40,10 @@ class Thresholds:
     * ``match_iou`` 0.5: pairs below are no match at all; ``label_iou`` 0.9: an unmatched detection whose
       box matches one of another label this well is a label disagreement.
     * ``min_matched_fraction`` 1.0: every confident detection (outside the margin) must be matched.
+    * ``min_compared`` 8: an agreement on fewer matched detections (over all images) is no evidence: the
+      compare retries on each image's ``fallback_top_k`` 10 best-scoring detections, whatever their score,
+      and is *inconclusive* if that still matches fewer. (A model whose scores stay below the threshold
+      would otherwise agree on nothing.)
     """
 
     min_iou: float = 0.95
@@ -52,6 +56,8 @@ class Thresholds:
     match_iou: float = 0.5
     label_iou: float = 0.9
     min_matched_fraction: float = 1.0
+    min_compared: int = 8
+    fallback_top_k: int = 10
 
 
 @dataclass

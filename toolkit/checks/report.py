@@ -16,7 +16,9 @@ from .matching import ImageStats, Thresholds, _valid
 from .sentinels import Finding
 from .sides import Side
 
-REPORT_FORMAT = "rtdetr-deploy/compare/1"
+REPORT_FORMAT = "rtdetr-deploy/compare/2"
+VERDICTS = ("agree", "disagree", "inconclusive")
+EXIT_CODES = {"agree": 0, "disagree": 1, "inconclusive": 3}  # 2 is bad input (a ToolkitError)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -24,10 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class CompareReport:
-    """The verdict: ``ok`` (also ``bool(report)``) is False when the sides disagree or a sentinel fired.
+    """The verdict: ``ok`` (also ``bool(report)``) is True only when the sides agree on enough detections.
 
-    ``verdict``: ``agree``, ``disagree`` or ``too_flat`` (outputs differ but the model's query selection is
-    tied, so two correct backends may differ: not judged, not failed; use trained weights).
+    ``verdict``: ``agree``, ``disagree`` (detections differ, or a sentinel fired) or ``inconclusive``: too
+    little to judge (fewer than ``thresholds.min_compared`` detections matched even on the top-K fallback),
+    outputs that differ while the model's query selection is tied (two correct backends may pick different
+    queries), or NaN/Inf in the outputs. ``reason`` says which, in one line; ``compared`` is the number of
+    matched detections the verdict rests on and ``selection`` which detections were compared (``score >= T``,
+    or the top-K per image by score when too few were above the threshold).
     """
 
     backend_a: str
@@ -39,10 +45,26 @@ class CompareReport:
     sentinels: list[Finding]
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    reason: str = ""
+    compared: int = 0
+    selection: str = ""
+    random_weights: dict[str, str | None] = field(default_factory=dict)  # "a"/"b": how generated weights were made
 
     @property
     def ok(self) -> bool:
-        return self.verdict != "disagree" and not self.sentinels
+        return self.verdict == "agree"
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status: 0 agree, 1 disagree, 3 inconclusive."""
+        return EXIT_CODES[self.verdict]
+
+    def headline(self) -> str:
+        """One line: the verdict with the counts it rests on."""
+        head = f"compare {self.backend_a} vs {self.backend_b}: {self.verdict.upper()}"
+        if self.verdict == "agree":
+            return f"{head}: agree on {self.compared} detections over {len(self.images)} images ({self.selection})"
+        return f"{head}: {self.reason} ({self.compared} detections compared over {len(self.images)} images, {self.selection})"
 
     def __bool__(self) -> bool:
         return self.ok
@@ -54,8 +76,7 @@ class CompareReport:
 
     def summary(self) -> str:
         bad = [s for s in self.images if not s.ok]
-        lines = [f"compare {self.backend_a} vs {self.backend_b}: {'PASS' if self.ok else 'FAIL'} ({self.verdict}), "
-                 f"{len(self.images)} images, {len(bad)} disagree"]
+        lines = [self.headline()]
         lines += [f"  sentinel: {f.message}" for f in self.sentinels]
         for s in bad:
             lines += [f"  {s.image}: {p}" for p in s.problems]
@@ -63,10 +84,12 @@ class CompareReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """Stable keys: format, ok, verdict, backend_a, backend_b, score_threshold, thresholds, images (one
-        dict per image: ImageStats fields plus ok), sentinels (backend, check, message, images), notes, files."""
+        """Stable keys: format, ok, verdict, reason, compared, selection, random_weights, backend_a, backend_b,
+        score_threshold, thresholds, images (one dict per image: ImageStats fields plus ok), sentinels (backend,
+        check, message, images), notes, files."""
         return {
-            "format": REPORT_FORMAT, "ok": self.ok, "verdict": self.verdict, "backend_a": self.backend_a,
+            "format": REPORT_FORMAT, "ok": self.ok, "verdict": self.verdict, "reason": self.reason, "compared": self.compared,
+            "selection": self.selection, "random_weights": dict(self.random_weights), "backend_a": self.backend_a,
             "backend_b": self.backend_b, "score_threshold": self.score_threshold, "thresholds": asdict(self.thresholds),
             "images": [{**asdict(s), "ok": s.ok} for s in self.images], "sentinels": [f.to_dict() for f in self.sentinels],
             "notes": list(self.notes), "files": [str(p) for p in self.files],
@@ -75,7 +98,7 @@ class CompareReport:
     def table(self) -> "Table":
         from rich.table import Table
 
-        table = Table(title=f"{self.backend_a} vs {self.backend_b}: {'PASS' if self.ok else 'FAIL'} ({self.verdict})")
+        table = Table(title=self.headline())
         for col in ("image", "A", "B", "matched", "unmatched A/B", "labels", "IoU min/med", "shift px", "Δscore", ""):
             table.add_column(col)
         for s in self.images:
@@ -86,8 +109,8 @@ class CompareReport:
         return table
 
     def markdown(self) -> str:
-        lines = [f"# {self.backend_a} vs {self.backend_b}: {'PASS' if self.ok else 'FAIL'} ({self.verdict})", "",
-                 f"Score threshold {self.score_threshold}; thresholds: "
+        lines = [f"# {self.backend_a} vs {self.backend_b}: {self.verdict.upper()}", "", self.headline(), "",
+                 f"Compared: {self.selection}; score threshold {self.score_threshold}; thresholds: "
                  + ", ".join(f"{k} {v}" for k, v in asdict(self.thresholds).items()), ""]
         if self.sentinels:
             lines += ["## Sentinels", ""] + [f"- {f.message}" for f in self.sentinels] + [""]

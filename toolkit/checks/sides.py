@@ -42,6 +42,7 @@ class Side:
     inputs: dict[str, torch.Tensor] | None = None  # preprocessed inputs the engine saw
     paths: list[Path] | None = None  # image files, when known (drawing)
     selection_gap: float | None = None  # stored with a reference bundle
+    random_weights: str | None = None  # how the side's weights were generated, when they are random (untrained)
 
 
 def synthetic_images(directory: str | Path) -> list[Path]:
@@ -80,7 +81,7 @@ def _replay(engine: BaseEngine, name: str, inputs: dict[str, torch.Tensor], keys
         dets += split_batch(out)
     sizes = inputs[INPUT_SIZES]
     return Side(name, keys, dets, engine.class_names, [tuple(map(int, s)) for s in sizes.tolist()],
-                engine.signature.input(INPUT_SIZES).dtype, engine, inputs)
+                engine.signature.input(INPUT_SIZES).dtype, engine, inputs, random_weights=getattr(engine, "random_weights", None))
 
 
 def _results_path(source: Any) -> Path | None:
@@ -135,7 +136,7 @@ def _reference_side(directory: Path, name: str) -> Side:
     keys = list(meta["images"])
     return Side(name, keys, split_batch(outputs), meta.get("class_names", []),
                 [tuple(map(int, s)) for s in inputs[INPUT_SIZES].tolist()], meta.get("sizes_dtype"), None, inputs,
-                selection_gap=meta.get("selection_gap"))
+                selection_gap=meta.get("selection_gap"), random_weights=meta.get("random_weights"))
 
 
 def save_reference(engine: BaseEngine, images: Sequence[str | Path] | None, directory: str | Path) -> Path:
@@ -168,7 +169,8 @@ def _write_reference(side: Side, directory: str | Path) -> Path:
                for k, attr in (("labels", "labels"), ("boxes", "boxes_xyxy"), ("scores", "scores"))}
     meta = {"format": REFERENCE_FORMAT, "backend": engine.backend, "device": str(engine.device), "class_names": engine.class_names,
             "images": side.keys, "sizes_dtype": side.sizes_dtype, "signature": engine.signature.to_dict(),
-            "selection_gap": selection_gap(engine, inputs), "toolkit_version": __version__}
+            "selection_gap": selection_gap(engine, inputs), "toolkit_version": __version__,
+            "random_weights": getattr(engine, "random_weights", None)}
     write_bytes(out / "inputs.safetensors", save({k: v.contiguous().cpu() for k, v in inputs.items()}))
     write_bytes(out / "outputs.safetensors", save(outputs))
     write_text(out / REFERENCE_META, json.dumps(meta, indent=2) + "\n")
@@ -250,7 +252,7 @@ def _align(a: Side, b: Side) -> tuple[Side, Side]:
         idx = [s.keys.index(k) for k in common]
         return Side(s.name, common, [s.detections[i] for i in idx], s.class_names,
                     [s.sizes_wh[i] for i in idx] if s.sizes_wh else None, s.sizes_dtype, s.engine, s.inputs,
-                    [s.paths[i] for i in idx] if s.paths else None, s.selection_gap)
+                    [s.paths[i] for i in idx] if s.paths else None, s.selection_gap, s.random_weights)
     return pick(a), pick(b)
 
 

@@ -42,7 +42,8 @@ Perturb = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 @dataclass
 class StageResult:
-    """One stage: ``status`` is ``pass``, ``fail`` or ``skipped``; comparisons are None where not run."""
+    """One stage: ``status`` is ``pass``, ``fail``, ``inconclusive`` (its comparison could not judge: too few
+    detections, a tied query selection, NaN/Inf) or ``skipped``; comparisons are None where not run."""
 
     name: str
     status: str
@@ -58,7 +59,9 @@ class StageResult:
 
 @dataclass
 class ValidateReport:
-    """Stages in order; ``first_failure`` names the first broken one; ``ok`` when none failed."""
+    """Stages in order; ``first_failure`` names the first broken one; ``ok`` only when every stage that ran passed.
+
+    ``verdict``: ``disagree`` when a stage failed, else ``inconclusive`` when one could not be judged, else ``agree``."""
 
     stages: list[StageResult]
     workdir: Path
@@ -69,19 +72,33 @@ class ValidateReport:
         return next((s.name for s in self.stages if s.status == "fail"), None)
 
     @property
+    def verdict(self) -> str:
+        if self.first_failure is not None:
+            return "disagree"
+        return "inconclusive" if any(s.status == "inconclusive" for s in self.stages) else "agree"
+
+    @property
     def ok(self) -> bool:
-        return self.first_failure is None
+        return self.verdict == "agree"
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status: 0 agree, 1 a stage failed, 3 a stage could not be judged."""
+        return {"agree": 0, "disagree": 1, "inconclusive": 3}[self.verdict]
 
     def __bool__(self) -> bool:
         return self.ok
 
     def summary(self) -> str:
-        head = "validate: PASS" if self.ok else f"validate: FAIL, first broken stage: {self.first_failure}"
+        unjudged = next((s.name for s in self.stages if s.status == "inconclusive"), None)
+        head = ("validate: PASS" if self.ok else f"validate: FAIL, first broken stage: {self.first_failure}" if self.first_failure
+                else f"validate: INCONCLUSIVE, first stage that could not be judged: {unjudged}")
         return "\n".join([head] + [f"  {s.name}: {s.status}" + (f": {s.detail}" if s.detail else "") for s in self.stages])
 
     def to_dict(self) -> dict[str, Any]:
         """Stable keys: format, ok, first_failure, workdir, stages (name, status, detail, vs_previous, vs_torch)."""
-        return {"format": REPORT_FORMAT, "ok": self.ok, "first_failure": self.first_failure, "workdir": str(self.workdir),
+        return {"format": REPORT_FORMAT, "ok": self.ok, "verdict": self.verdict, "first_failure": self.first_failure,
+                "workdir": str(self.workdir),
                 "stages": [s.to_dict() for s in self.stages]}
 
     def table(self) -> "Table":
@@ -90,7 +107,7 @@ class ValidateReport:
         table = Table(title=self.summary().splitlines()[0])
         for col in ("stage", "status", "vs previous", "vs torch", "detail"):
             table.add_column(col, overflow="fold")
-        colours = {"pass": "green", "fail": "red", "skipped": "yellow"}
+        colours = {"pass": "green", "fail": "red", "skipped": "yellow", "inconclusive": "yellow"}
         for s in self.stages:
             table.add_row(s.name, f"[{colours[s.status]}]{s.status}[/{colours[s.status]}]", _verdict(s.vs_previous),
                           _verdict(s.vs_torch), s.detail)
@@ -111,7 +128,7 @@ class ValidateReport:
 
 
 def _verdict(report: CompareReport | None) -> str:
-    return "-" if report is None else f"{'pass' if report.ok else 'FAIL'} ({report.verdict})"
+    return "-" if report is None else f"{report.verdict} on {report.compared}"
 
 
 def _check_inputs(inputs: dict[str, torch.Tensor], decoded_wh: list[tuple[int, int]], again: dict[str, torch.Tensor],
@@ -206,7 +223,9 @@ def validate(
         torch_side = run_stage("torch", load(model, backend="torch", device="cpu"))
         fired = check_outputs("torch", torch_side.detections, keys, score_threshold=score_threshold,
                               sizes_wh=torch_side.sizes_wh, num_classes=model.num_classes, sizes_dtype=torch_side.sizes_dtype)
-        stages.append(StageResult("torch", "fail" if fired else "pass", "; ".join(f.message for f in fired)))
+        only_nan = bool(fired) and all(f.check == "non_finite" for f in fired)  # NaN/Inf: nothing can be judged
+        stages.append(StageResult("torch", "inconclusive" if only_nan else "fail" if fired else "pass",
+                                  "; ".join(f.message for f in fired)))
         previous = torch_side
         onnx_path = work / "model.onnx"
         for name in [b for b in ("onnxruntime", *BUILT_BACKENDS) if b in backends]:
@@ -227,8 +246,11 @@ def validate(
             side = run_stage(name, engine)
             vs_prev = judge(previous, side, score_threshold, thresholds)
             vs_torch = vs_prev if previous is torch_side else judge(torch_side, side, score_threshold, thresholds)
-            failed = [r for r in (vs_prev, vs_torch) if not r.ok]
-            detail = " ".join(line.strip() for line in failed[0].summary().splitlines()[:2]) if failed else ""
-            stages.append(StageResult(name, "fail" if failed else "pass", detail, vs_prev, vs_torch))
+            failed = [r for r in (vs_prev, vs_torch) if r.verdict == "disagree"]
+            unjudged = [r for r in (vs_prev, vs_torch) if r.verdict == "inconclusive"]
+            worst = failed or unjudged
+            detail = (" ".join(line.strip() for line in worst[0].summary().splitlines()[:2]) if worst
+                      else f"{vs_prev.reason} ({vs_prev.selection})")
+            stages.append(StageResult(name, "fail" if failed else "inconclusive" if unjudged else "pass", detail, vs_prev, vs_torch))
             previous = side
         return ValidateReport(stages, work)

@@ -150,6 +150,9 @@ def export_onnx(
             "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
             ONNX_KEY: ONNX_PLACEHOLDER,  # sealed below with the file's size and sha256
         }
+        generated = getattr(deploy, "random_weights", None)
+        if generated:  # generated, untrained weights: say so in every artifact
+            meta["random_weights"] = generated
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
             onnx_model.metadata_props.add(key=k, value=v)
@@ -163,7 +166,7 @@ def export_onnx(
         if verify:
             with steps.step("verifying the file against torch in ONNX Runtime"):
                 report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
-            if not report.ok:
+            if report.verdict == "disagree":  # inconclusive (tied selection) is written, and says so
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
     return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)
 

@@ -8,7 +8,12 @@ hundreds of pixels without any export bug. So the check is layered:
 1. the selection scores (everything that precedes the query selection) must agree tightly;
 2. ties at the selection boundary are detected and reported;
 3. the final outputs are compared, up to a permutation of equal scores, only when the selection is
-   unambiguous; otherwise the report says why they were not compared.
+   unambiguous; otherwise the report says why they were not compared;
+4. NaN/Inf in any output (ORT or torch, selection scores included) fails, naming the first graph node
+   whose output is not finite.
+
+Verdict: ``disagree`` (a problem: the export is refused), ``inconclusive`` (tied selection, or nothing
+compared: the file is written, but nothing says it is right) or ``agree``; ``ok`` only for ``agree``.
 
 Every check runs at two batch sizes through the same dynamic-batch file (a batch baked into a
 constant deep in the graph shows up there).
@@ -26,6 +31,7 @@ import torch
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..numerics import tf32
 from ..signature import INPUT_IMAGES, INPUT_SIZES
+from .finite import first_non_finite_node, non_finite_names
 from .permutation import match_permutation
 
 # Tolerances per precision of the graph body (torch and ORT both run the body in that precision).
@@ -54,15 +60,27 @@ class BatchCheck:
 
 @dataclass
 class VerifyReport:
-    ok: bool
     checks: list[BatchCheck]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def verdict(self) -> str:
+        if any(c.problems for c in self.checks):
+            return "disagree"
+        return "agree" if self.checks and all(c.final_compared for c in self.checks) else "inconclusive"
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "agree"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"ok": self.ok, "verdict": self.verdict, **asdict(self)}
 
     def summary(self) -> str:
-        lines = [f"verify: {'PASS' if self.ok else 'FAIL'}"]
+        head = {"agree": f"PASS: agree on {sum(c.final_compared for c in self.checks)} detections over "
+                         f"{sum(c.batch for c in self.checks)} images",
+                "disagree": "FAIL", "inconclusive": "INCONCLUSIVE: final outputs not compared"}[self.verdict]
+        lines = [f"verify: {head}"]
         for c in self.checks:
             sel = "n/a" if c.selection_max_diff is None else f"{c.selection_max_diff:.2e}"
             fin = ("not compared (tied selection)" if c.tied else "not compared (earlier problem)" if c.final_max_box_diff is None else
@@ -149,6 +167,16 @@ def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtyp
         (labels, boxes, scores), sel = _torch_selection_scores(model, images.to(device), sizes.to(device), precision)
         ref = {"labels": labels.cpu(), "boxes": boxes.cpu(), "scores": scores.cpu()}
         check = BatchCheck(batch=batch)
+        bad = non_finite_names({**{f"ORT output {k!r}" if k in ref else "ORT selection scores": v for k, v in ort_out.items()},
+                                **{f"torch output {k!r}": v for k, v in ref.items()},
+                                **({"torch selection scores": sel} if sel is not None else {})})
+        if bad:
+            feeds = {INPUT_IMAGES: images.numpy(), INPUT_SIZES: sizes.numpy()}
+            where = first_non_finite_node(onnx_model, feeds) if any(b.startswith("ORT") for b in bad) else None
+            check.problems.append(f"NaN/Inf in {', '.join(bad)}; first non-finite "
+                                  + (f"tensor in the graph: {where}" if where else "values come from torch (the graph's are finite)"))
+            checks.append(check)
+            continue
         for name in ("labels", "boxes", "scores"):
             if tuple(ort_out[name].shape) != tuple(ref[name].shape):
                 check.problems.append(f"{name}: ORT shape {list(ort_out[name].shape)} != torch {list(ref[name].shape)}")
@@ -158,7 +186,7 @@ def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtyp
                 check.problems.append(f"selection scores: ORT shape {list(ort_sel.shape)} != torch {list(sel.shape)}")
             else:
                 check.selection_max_diff = (ort_sel - sel.cpu()).abs().max().item()
-                if check.selection_max_diff > selection_atol:
+                if not check.selection_max_diff <= selection_atol:
                     check.problems.append(f"selection scores differ by {check.selection_max_diff:.3g} (> {selection_atol}): "
                                           "the graph before the query selection does not match torch")
                 if num_queries and sel.shape[1] > num_queries:
@@ -186,4 +214,4 @@ def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtyp
                      "different queries, so final outputs were not compared elementwise; "
                      + ("use trained weights (or toolkit.models.config.make_tie_free_) for an end-to-end check" if precision == "fp32"
                         else "compare it detection by detection with toolkit.compare (rtdetr-deploy compare)"))
-    return VerifyReport(ok=not any(c.problems for c in checks), checks=checks, notes=notes)
+    return VerifyReport(checks=checks, notes=notes)

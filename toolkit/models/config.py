@@ -39,6 +39,7 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     resize: str = "stretch"
     description: str = ""
+    tie_free: bool = False  # generated weights get make_tie_free_ (see build_model); true where that stays finite
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -86,14 +87,35 @@ def hf_config(cfg: ModelConfig) -> Any:
     return config_cls(**values)
 
 
-def build_model(config: str | Path | ModelConfig, *, seed: int | None = None) -> DeployModel:
-    """A randomly initialised model from a named config (``seed`` makes the weights reproducible)."""
+CONFIG_SEED = 0  # the documented seed of a config name's generated weights (see build_model)
+
+
+def build_model(config: str | Path | ModelConfig, *, seed: int | None = None, tie_free: bool | None = None) -> DeployModel:
+    """A model from a named config with generated (untrained) weights, identical in every process.
+
+    With ``seed=None`` (what a bare config name gets: ``toolkit.compare("m.onnx", "tiny")``,
+    ``rtdetr-deploy export --config tiny``): transformers' initialisation under torch seed
+    :data:`CONFIG_SEED` (0), then, for configs marked ``"tie_free": true`` (``tiny``), :func:`make_tie_free_`
+    with the same seed. transformers' initialisation alone leaves the encoder's query selection tied, so two
+    correct backends pick different queries and a compare of such weights is inconclusive; the perturbation
+    makes the outputs comparable. On the large configs (R18 and up) the same perturbation overflows to NaN
+    or saturates every score, so their generated weights stay the plain seeded initialisation (speed
+    measurements are fine on them; compares are not). An explicit ``seed`` gives the plain initialisation
+    under that seed unless ``tie_free=True``. The caller's torch RNG state is left as it was. The model is
+    labelled as random weights (:attr:`DeployModel.random_weights`) until its weights change.
+    """
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     _, model_cls = _transformers_classes(cfg.model_type)
-    if seed is not None:
+    tie_free = (seed is None and cfg.tie_free) if tie_free is None else tie_free
+    seed = CONFIG_SEED if seed is None else seed
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-    model = model_cls(hf_config(cfg)).eval()
-    return _wrap_hf(model, cfg)
+        model = model_cls(hf_config(cfg)).eval()
+    deploy = _wrap_hf(model, cfg)
+    if tie_free:
+        make_tie_free_(deploy, seed=seed)
+    deploy.mark_random_weights(f"config {cfg.name}, seed {seed}" + (", make_tie_free_" if tie_free else ", transformers initialisation"))
+    return deploy
 
 
 def _wrap_hf(model: nn.Module, cfg: ModelConfig) -> DeployModel:
@@ -110,9 +132,12 @@ def make_tie_free_(model: DeployModel, seed: int = 0, std: float = 0.3) -> Deplo
     top-K query selection is an exact tie that two correct backends break differently. Test models
     use this to get weights whose outputs can be compared; trained weights need nothing of the kind.
     """
+    generated = model.random_weights if isinstance(model, DeployModel) else None
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * std)
+    if generated:  # still generated weights: keep the label, saying how
+        model.mark_random_weights(f"{generated}, make_tie_free_(seed={seed}, std={std})")
     return model

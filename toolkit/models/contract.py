@@ -20,6 +20,18 @@ from ..signature import PreprocessSpec, Signature, deploy_signature
 _LOGIT_KEYS = ("pred_logits", "logits")  # official naming, transformers naming
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over a model's state dict (names and raw bytes): identifies the weights an artifact was made from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if t.numel():
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def raw_predictions(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N,Q,C], boxes [N,Q,4] normalized cxcywh) from a dict or an output object, either naming."""
     get = output.get if isinstance(output, dict) else (lambda k: getattr(output, k, None))
@@ -83,6 +95,25 @@ class DeployModel(nn.Module):
         self.top_k = int(top_k)
         self.contract = contract
         self.name = name
+        self._generated: tuple[str, str | None] | None = None  # (label, weights sha256) of generated weights
+
+    def mark_random_weights(self, label: str) -> None:
+        """Record that the current weights are generated, not trained (``label`` says how, e.g. the seed)."""
+        on_meta = any(t.is_meta for t in self.state_dict().values())  # built without data (parameter counts): no hash
+        self._generated = (label, None if on_meta else weights_sha256(self))
+
+    @property
+    def random_weights(self) -> str | None:
+        """How the weights were generated when they are random (untrained) weights, else None.
+
+        Checked against the weights hash, so loading a checkpoint or training the model clears it: every
+        artifact made from this model (ONNX metadata, sidecars, compare reports) says when its boxes come
+        from random weights and so say nothing about accuracy.
+        """
+        if self._generated is None:
+            return None
+        label, digest = self._generated
+        return label if digest is None or weights_sha256(self) == digest else None
 
     @property
     def num_classes(self) -> int:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError
-from .contract import DeployModel
+from .contract import DeployModel, weights_sha256  # noqa: F401  (weights_sha256 is re-exported here)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -55,15 +54,3 @@ def load_weights(model: DeployModel, path: Path, state: dict[str, torch.Tensor] 
         raise CheckpointError("; ".join(lines))
     model.model.load_state_dict(state, strict=True)
     return model
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 over a model's state dict (names and raw bytes): identifies the weights an artifact was made from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        if t.numel():
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

@@ -32,6 +32,7 @@ class BaseEngine:
     """Shared front half of every backend: binder checks, then the backend's ``_run``."""
 
     backend = "base"
+    random_weights: str | None = None  # how the weights were generated, when the artifact says they are random
 
     def __init__(self, signature: Signature, device: torch.device | str, *, class_names: list[str] | None = None,
                  cast: str = "safe", copy_to_device: bool = False, check_values: bool = True) -> None:

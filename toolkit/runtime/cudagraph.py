@@ -46,6 +46,7 @@ class CudaGraphEngine(BaseEngine):
                          copy_to_device=binder.copy_to_device, check_values=binder.check_values)
         self.backend = engine.backend
         self.inner = engine
+        self.random_weights = engine.random_weights
         self.copy_outputs = copy_outputs
         self.warmup = warmup
         self._graphs: dict[tuple, _Captured] = {}

@@ -256,15 +256,17 @@ def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_gra
     candidate = artifacts.engine(backend, precision, cuda_graph)
     try:
         report = compare(ref, candidate)
+        if report.verdict == "inconclusive":  # never reported as passing: too little, tied or NaN to judge
+            return f"inconclusive: {report.reason}", "compare inconclusive"
         if not report.ok:
             return report.summary().splitlines()[0], "compare failed"
         if not images:
-            return None, "compare agrees"
+            return None, f"compare agrees ({report.reason})"
         ev = evaluate({"reference": ref, "candidate": candidate}, synthetic=images, tolerance=0.5)
     finally:
         artifacts.release()
     maps = {r.backend: r.mAP for r in ev.rows}
-    done = f"compare agrees; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} (fp32 ONNX Runtime) on {images} images"
+    done = f"compare agrees; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} (fp32 ONNX Runtime) on {images} images; compare matched {report.compared} detections"
     return (None if ev.agree else ev.message), done
 
 
@@ -333,7 +335,8 @@ def bench(
             try:
                 failure, check = accuracy_check(checker, backend, precision, graph, check_images)
                 if failure:
-                    status, reason = "refused", f"accuracy check against fp32 ONNX Runtime failed: {failure}"
+                    status, reason = "refused", (failure if failure.startswith("inconclusive: ") else
+                                                 f"accuracy check against fp32 ONNX Runtime failed: {failure}")
             except ToolkitError as e:  # the configuration cannot run at all (e.g. not capturable in a CUDA graph)
                 status, reason = "failed", str(e).splitlines()[0]
         build_s = None

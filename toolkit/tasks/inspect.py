@@ -30,7 +30,9 @@ class InspectReport:
 
 
 def _warnings(signature: Signature, int64_note: bool = True) -> list[str]:
-    return [INT64_WARNING.format(name=t.name) for t in signature.inputs if t.dtype == "int64" and int64_note]
+    notes = [INT64_WARNING.format(name=t.name) for t in signature.inputs if t.dtype == "int64" and int64_note]
+    batch = signature.batch_warning()
+    return notes + ([batch] if batch else [])
 
 
 def inspect_file(path: str | Path) -> InspectReport:
@@ -82,4 +84,6 @@ def inspect_file(path: str | Path) -> InspectReport:
         if t.name == "orig_target_sizes" and t.dtype == "int32":
             warnings.append("input orig_target_sizes is int32 in this engine: a torch int64 tensor bound by raw pointer "
                             "reads [[640,640]] as [[640,0]] (every y coordinate 0); toolkit.load() converts it safely")
+    if sig.batch_warning():
+        warnings.append(sig.batch_warning())
     return InspectReport(p, kind, sig, {k: v for k, v in meta.items() if k != "signature"}, warnings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,6 +39,7 @@ class RunResult:
     results_path: Path
     skipped: dict[Path, str] = field(default_factory=dict)  # broken inputs left out (skip_bad=True): file -> why
     images: list[Path] = field(default_factory=list)  # the inputs the detections belong to, in order
+    warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf in the outputs (also issued with warnings.warn)
 
 
 def check_batch_size(batch_size: Any) -> int:
@@ -137,5 +139,12 @@ def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, bac
             if draw_images:
                 draw(image, kept, engine.class_names, out_dir / names[path])
                 files.append(out_dir / names[path])
+    notes = []
+    broken = [p.name for p, d in zip(good, dets) if not (d.scores.isfinite().all() and d.boxes_xyxy.isfinite().all())]
+    if broken:  # NaN scores fail every threshold: without this the run would look like "0 detections"
+        notes.append(f"the model's outputs hold NaN or Inf on {len(broken)} of {len(good)} image(s) "
+                     f"({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}): those detections are dropped; "
+                     "the weights may hold NaN, or an fp16 engine overflowed (verify with rtdetr-deploy validate)")
+        warnings.warn(notes[-1], RuntimeWarning, stacklevel=2)
     results = write_text(results_path, json.dumps(records, indent=1))  # last: its presence means this run completed
-    return RunResult(out_dir, dets, files, results, bad, good)
+    return RunResult(out_dir, dets, files, results, bad, good, notes)

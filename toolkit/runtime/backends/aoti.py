@@ -96,6 +96,7 @@ class AotiEngine(BaseEngine):
                               f"it was built with torch {meta.get('torch_version', '?')}, this is torch {torch.__version__}. "
                               "A corrupted or truncated file, or a package from another torch, needs a rebuild") from None
         super().__init__(signature, device, class_names=meta.get("class_names"), **options)
+        self.random_weights = meta.get("random_weights")
         self.path = path
         self.precision = meta.get("precision", "fp32")
 

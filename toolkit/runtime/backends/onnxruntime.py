@@ -18,6 +18,7 @@ Threads: ``InferenceSession.run_with_iobinding`` is thread-safe and each call bu
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,10 @@ class OnnxRuntimeEngine(BaseEngine):
         meta = self.session.get_modelmeta().custom_metadata_map
         names = _class_names(path, meta)
         super().__init__(signature, device, class_names=names, **options)
+        self.random_weights = meta.get("random_weights")
+        self.warnings = [w for w in (signature.batch_warning(),) if w]
+        for w in self.warnings:
+            warnings.warn(f"{path}: {w}", RuntimeWarning, stacklevel=3)
         self.path = path
         self.cuda_graph = cuda_graph
         self._static: tuple[dict[str, int], BoundInputs, dict[str, torch.Tensor]] | None = None
@@ -128,7 +133,9 @@ class OnnxRuntimeEngine(BaseEngine):
         caller_outputs = bound.outputs
         if self.cuda_graph:
             bound = self._graph_buffers(bound)
-        outputs = bound.outputs or allocate_outputs(self.signature, bound.dims, self.device)
+        symbol, fixed = self.signature.fixed_batch_outputs()
+        declared_batch_differs = any(t.shape[0] != bound.dims.get(symbol) for t in fixed)  # let ORT allocate those
+        outputs = bound.outputs or (None if declared_batch_differs else allocate_outputs(self.signature, bound.dims, self.device))
         caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
         if caller is not None and caller != self.stream:
             self.stream.wait_stream(caller)
@@ -142,7 +149,10 @@ class OnnxRuntimeEngine(BaseEngine):
                 binding.bind_output(spec.name, device_type, device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
             else:
                 binding.bind_output(spec.name, device_type, device_id)
-        self.session.run_with_iobinding(binding, self.run_options)
+        try:
+            self.session.run_with_iobinding(binding, self.run_options)
+        except Exception as e:  # ORT raises its own RuntimeError subclasses (Fail, InvalidArgument, RuntimeException...)
+            raise EngineError(self._run_error(e, bound.dims)) from None
         if outputs is None:  # data-dependent output shapes: ORT allocated them
             outputs = {s.name: torch.from_dlpack(v.to_dlpack()) if device_type == "cuda" else torch.from_numpy(v.numpy())
                        for s, v in zip(self.signature.outputs, binding.get_outputs())}
@@ -154,6 +164,21 @@ class OnnxRuntimeEngine(BaseEngine):
             if t.is_cuda:
                 t.record_stream(self.stream)
         return outputs
+
+    def _run_error(self, error: Exception, dims: dict[str, int]) -> str:
+        """ONNX Runtime's failure as one line, with the likely cause."""
+        first = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+        symbol, fixed = self.signature.fixed_batch_outputs()
+        if fixed:
+            cause = (f"outputs {', '.join(f'{t.name} {list(t.shape)}' for t in fixed)} declare a fixed batch while this call has {symbol}={dims.get(symbol)}: the "
+                     "graph was exported for one batch (torch.onnx's dynamo exporter bakes it in); run at that batch or "
+                     "re-export with dynamic output axes (rtdetr-deploy export)")
+        elif "shape" in first.lower() or "reshape" in first.lower():
+            cause = ("a shape baked into the graph does not fit these inputs (exported at another batch or image size?); "
+                     "re-export with rtdetr-deploy export, or feed the shapes it was exported with")
+        else:
+            cause = "the graph cannot run these inputs here; check the inputs against rtdetr-deploy inspect"
+        return f"{self.path}: ONNX Runtime failed to run it ({error.__class__.__name__}: {first}). Likely cause: {cause}"
 
 
 def load(source: Any, device: torch.device | None = None, **options: Any) -> OnnxRuntimeEngine:

@@ -162,6 +162,7 @@ class TensorRTEngine(BaseEngine):
         self._engine = engine
         signature = self._signature_from_engine(path, engine, meta)
         super().__init__(signature, device, class_names=meta.get("class_names"), **options)
+        self.random_weights = meta.get("random_weights")
         self.path = path
         self.metadata = meta
         self._contexts: list[Any] = []

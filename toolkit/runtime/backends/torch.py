@@ -33,6 +33,7 @@ class TorchEngine(BaseEngine):
         if getattr(inner, "anchors", None) is not None:  # plain attributes, not buffers: .to() leaves them on the CPU
             inner.anchors, inner.valid_mask = inner.anchors.to(device), inner.valid_mask.to(device)
         super().__init__(model.signature(), device, class_names=model.class_names, **options)
+        self.random_weights = getattr(model, "random_weights", None)
 
     def _run(self, bound: BoundInputs) -> dict[str, torch.Tensor]:
         autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
