@@ -46,7 +46,7 @@ def load_hf_directory(path: Path) -> DeployModel:
     cfg_json = json.loads((path / "config.json").read_text())
     model_type = cfg_json.get("model_type")
     if model_type not in _MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not an RT-DETR ({', '.join(_MODEL_TYPES)})")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a supported detector ({', '.join(_MODEL_TYPES)})")
     _, model_cls = _transformers_classes(model_type)
     from transformers.utils import logging as hf_logging
 
