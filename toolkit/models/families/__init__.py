@@ -9,7 +9,6 @@ between families lives in its module and is looked up here, never by ``if model_
   wrapper applies itself so that the contract's ``images`` stay in [0, 1] (:meth:`Family.normalization`);
 * the ``torch.export``-time patches that keep the batch symbolic (:meth:`Family.export_patches`), active
   for the duration of an export only;
-* where the encoder's query-selection scores come from (:meth:`Family.selection_head`), for tie-aware verify.
 
 May import what :mod:`toolkit.models` may (the top-level helpers).
 """
@@ -20,9 +19,11 @@ from torch import nn
 
 from ...errors import ConfigError
 from . import d_fine, deimv2, rt_detr
+from ._patches import symbolic_len, torch_checks_off
 from .base import IMAGENET, Family, Normalization
 
-__all__ = ["IMAGENET", "Family", "Normalization", "families", "family_for", "family_of", "model_types", "transformers_classes"]
+__all__ = ["IMAGENET", "Family", "Normalization", "families", "family_for", "family_of", "model_types", "symbolic_len",
+           "torch_checks_off", "transformers_classes"]
 
 
 _FAMILIES: dict[str, Family] = {f.name: f for f in (rt_detr.FAMILY, d_fine.FAMILY, deimv2.FAMILY)}

@@ -30,7 +30,6 @@ class Family:
     model_types: Mapping[str, str]  # transformers model_type -> class prefix ("d_fine" -> "DFine")
     normalization_for: Callable[[Any], Normalization | None] = _no_normalization  # from the transformers config
     export_patches_for: Callable[[nn.Module], ContextManager[None]] = _no_patches
-    selection_head_path: str = "model.enc_score_head"  # in the ForObjectDetection module
     config_prefixes: tuple[str, ...] = field(default_factory=tuple)  # named configs of this family (configs/PREFIX*)
 
     def normalization(self, hf_config: Any) -> Normalization | None:
@@ -40,14 +39,3 @@ class Family:
     def export_patches(self, model: nn.Module) -> ContextManager[None]:
         """Patches that keep ``torch.export``'s batch symbolic; enter only around an export."""
         return self.export_patches_for(model)
-
-    def selection_head(self, hf_model: nn.Module) -> nn.Module | None:
-        """The encoder's class head whose per-position max feeds the query-selection top-K (None if absent)."""
-        obj: Any = hf_model
-        for part in self.selection_head_path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                return None
-        return obj if isinstance(obj, nn.Module) else None
-
-
