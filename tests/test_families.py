@@ -153,6 +153,7 @@ def test_onnxruntime_and_torch_agree_detection_by_detection(tiny_models, tiny_on
     assert report.verdict != "too_flat" and any(s.matched for s in report.images), report.summary()
 
 
+@pytest.mark.slow
 def test_tied_selection_is_detected_for_d_fine(tmp_path):
     """transformers' default initialisation ties D-FINE's query selection too: verify says so instead of failing."""
     from toolkit.export.onnx import export_onnx
@@ -162,6 +163,7 @@ def test_tied_selection_is_detected_for_d_fine(tmp_path):
     assert "tied at its top-K boundary" in result.verify.notes[-1]
 
 
+@pytest.mark.slow
 def test_cli_export_by_config_name(tmp_path):
     r = run_cli("export", "--config", "dfine_tiny", "-o", str(tmp_path / "m.onnx"), "--no-verify")
     assert r.returncode == 0, r.stderr
@@ -205,7 +207,7 @@ def test_torch_export_dynamic_batch_with_the_family_patches(tiny_models, name):
 
     model = tiny_models[name]
     before = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
-    program = _export(model, _example_inputs(model, 1, 2, 4), 1, 4)
+    program = _export(model, _example_inputs(model, 1, 2, 4, "cpu"), 1, 4)
     assert os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK") == before
     images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     sizes = torch.tensor([[128, 128], [64, 96], [300, 200]])

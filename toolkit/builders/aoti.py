@@ -54,7 +54,11 @@ def _dynamic_batch_patches(model: nn.Module) -> Iterator[None]:
     export_patches`: the ``len`` shadow, the batch-first pixel mask where the backbone wrapper takes one,
     transformers' torch checks off where Inductor needs it); any other module gets the ``len`` shadow only.
     """
-    detectors = [m for m in model.modules() if family_of(m) is not None]
+    detectors, prefixes = [], []  # outermost detectors only (their submodules carry the same config)
+    for name, m in model.named_modules():
+        if family_of(m) is not None and not any(name == p or name.startswith(p + ".") for p in prefixes):
+            detectors.append(m)
+            prefixes.append(name)
     with contextlib.ExitStack() as stack:
         for m in detectors:
             stack.enter_context(family_of(m).export_patches(m))

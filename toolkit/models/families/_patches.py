@@ -55,7 +55,7 @@ def _mask_batch_first(self: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
 
 @contextlib.contextmanager
 def batch_first_mask(model: nn.Module, class_names: tuple[str, ...]) -> Iterator[None]:
-    encoders = [m for m in _hf_modules(model) if type(m).__name__ in class_names and hasattr(m, "model")]
+    encoders = [m for m in _hf_modules(model) if type(m).__name__ in class_names and hasattr(m, "model") and "forward" not in m.__dict__]
     for m in encoders:
         m.forward = types.MethodType(_mask_batch_first, m)
     try:
