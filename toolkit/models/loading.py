@@ -121,8 +121,11 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
             raise CheckpointError(f"{path}: a checkpoint directory needs config.json (a Hugging Face checkpoint)")
         return load_hf_directory(path)
     from .official import load_official_checkpoint, looks_official
+    from .official_dfine import load_dfine_checkpoint, looks_dfine
 
     state = _read_state_dict(path)
+    if looks_dfine(state):  # a Peterande/D-FINE checkpoint (its names extend RT-DETR's: checked first)
+        return load_dfine_checkpoint(state, config=config, name=str(path))
     if looks_official(state):  # a lyuwenyu/RT-DETR checkpoint: keys remapped, config inferred when not given
         return load_official_checkpoint(state, config=config, name=str(path))
     if config is None:
