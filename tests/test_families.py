@@ -44,7 +44,9 @@ def inference_parameter_count(model: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_models() -> dict[str, toolkit.models.contract.DeployModel]:
-    return {name: make_tie_free_(build_model(name, seed=0), seed=0, std=NOISE) for name in (*TINY, "deimv2_dinov3_tiny")}
+    models = {name: make_tie_free_(build_model(name, seed=0), seed=0, std=NOISE) for name in (*TINY, "deimv2_dinov3_tiny")}
+    models["tiny"] = make_tie_free_(build_model("tiny", seed=0), seed=0)  # RT-DETR, as tests/conftest.py builds it
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +201,7 @@ def test_hf_directory_round_trip(tiny_models, tmp_path):
 
 # --- torch.export / AOTInductor ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", ("tiny", *TINY))
 def test_torch_export_dynamic_batch_with_the_family_patches(tiny_models, name):
     """Deimv2ConvEncoder takes no pixel mask: the RT-DETR/D-FINE mask patch must leave it alone; the torch-check
     switch is scoped to the export."""
