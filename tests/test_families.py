@@ -240,3 +240,26 @@ def test_gpu_dfine_aoti_fp16_matches_eager(tiny_models, tmp_path):
     assert engine.device.type == "cuda"
     report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda"), engine)
     assert report.ok and report.verdict != "too_flat", report.summary()
+
+
+@pytest.mark.slow
+def test_cli_run_eval_bench_on_a_d_fine_checkpoint(tiny_models, tmp_path):
+    """The user's flow on a D-FINE Hugging Face directory: run, eval (torch vs ONNX Runtime agree on mAP), bench."""
+    from torchvision.io import write_png
+
+    from toolkit.export.verify import verification_images
+    from toolkit.models.loading import save_model
+
+    ckpt = save_model(tiny_models["dfine_tiny"], tmp_path / "dfine")
+    write_png((verification_images(1, (96, 160), seed=5)[0] * 255).to(torch.uint8), str(tmp_path / "a.png"))
+    r = run_cli("run", str(ckpt), str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "out").rglob("*.json")), "run wrote no detections"
+    r = run_cli("eval", str(ckpt), "--synthetic", "6", "--backends", "torch,onnxruntime", "--device", "cpu",
+                "--json", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("bench", str(ckpt), "--backends", "torch,onnxruntime", "--batch", "1", "--warmup", "1", "--iters", "2",
+                "--device", "cpu", "--check-images", "0", "--workdir", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert "torch" in json.dumps(rows) and "onnxruntime" in json.dumps(rows)
