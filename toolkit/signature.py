@@ -52,10 +52,16 @@ class PreprocessSpec:
     channel_order: str = "RGB"
     sizes_order: str = "wh"
     pad_value: float = 0.447  # 114/255, the letterbox grey
+    # (mean, std) per channel that the model applies itself (DINOv3 backbones): feed images in value_range as
+    # they are, never normalized. None: the network takes value_range input directly.
+    in_model_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
         object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
+        if self.in_model_normalization is not None:
+            mean, std = (tuple(float(v) for v in part) for part in self.in_model_normalization)
+            object.__setattr__(self, "in_model_normalization", (mean, std))
         if self.resize not in ("stretch", "letterbox"):
             raise ValueError(f"resize must be 'stretch' or 'letterbox', got {self.resize!r}")
         if self.sizes_order != "wh":

@@ -6,12 +6,13 @@ package serves every batch size of the range) and a sidecar ``MODEL.pt2.json`` t
 :mod:`toolkit.runtime.backends.aoti` needs to run or refuse it: device type (and GPU, compute capability),
 precision, batch range, the deploy signature and the class names.
 
-Dynamic batch: two spots of transformers' RT-DETR forward pin the symbolic batch to the example's
+Dynamic batch: two spots of transformers' RT-DETR / D-FINE forward pin the symbolic batch to the example's
 size under ``torch.export`` ("Constraints violated (N)"): ``batch_size = len(source_flatten)`` (``len()``
 of a tensor must return a Python int) and, on CUDA only, the downsampling of the unused pixel mask
-with the batch in the channel dim (the upsample's ``n_channels < 4`` heuristic guards it).
-:func:`_dynamic_batch_patches` works around both for the duration of the export only, without
-changing any value the model computes.
+with the batch in the channel dim (the upsample's ``n_channels < 4`` heuristic guards it); D-FINE and
+DEIMv2 also need transformers' torch checks off. Each family's patches live with the family
+(:mod:`toolkit.models.families`); :func:`_dynamic_batch_patches` applies them for the duration of the
+export only, without changing any value the model computes.
 
 ``precision="fp16"`` puts the network body in half precision; the deploy postprocess (sigmoid, top-K,
 box scaling) stays fp32 since :func:`toolkit.models.contract.postprocess` casts logits and boxes to float.
@@ -20,14 +21,11 @@ I/O is fp32 images / int64 sizes either way.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import copy
 import os
 import shutil
-import sys
 import tempfile
-import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,6 +35,7 @@ from torch import nn
 from ..atomic import check_output_path
 from ..errors import ExportError
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..models.families import family_of, symbolic_len
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
 from ..numerics import tf32
@@ -48,47 +47,25 @@ from .build import BuildError, _copy, cache_dir
 DEVICES = ("cpu", "cuda")
 
 
-def _conv_encoder_forward(self: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """transformers' RT-DETR backbone wrapper, with the (unused) pixel mask downsampled batch-first.
-
-    The original interpolates ``pixel_mask[None]`` ([1,N,H,W]: the batch in the channel dim), and on CUDA
-    the upsample decomposition's channels-last heuristic (``n_channels < 4``) then guards the batch.
-    ``pixel_mask[:, None]`` ([N,1,H,W]) gives the same mask without touching the batch.
-    """
-    features = self.model(pixel_values).feature_maps
-    return [(f, nn.functional.interpolate(pixel_mask[:, None].float(), size=f.shape[-2:]).to(torch.bool)[:, 0]) for f in features]
-
-
 @contextlib.contextmanager
 def _dynamic_batch_patches(model: nn.Module) -> Iterator[None]:
-    """Keep the batch symbolic through transformers' RT-DETR forward, for the duration of an export only.
+    """Keep the batch symbolic through the detector's forward, for the duration of an export only.
 
-    * ``len`` is shadowed in the model's transformers modules by one returning ``tensor.shape[0]``
-      (a SymInt under export, the same int in eager): ``batch_size = len(source_flatten)`` pinned it.
-    * the backbone wrappers (``RTDetrConvEncoder``, ``RTDetrV2ConvEncoder``) get :func:`_conv_encoder_forward`.
+    Each transformers detector inside ``model`` gets its family's patches (:meth:`toolkit.models.families.Family.
+    export_patches`: the ``len`` shadow, the batch-first pixel mask where the backbone wrapper takes one,
+    transformers' torch checks off where Inductor needs it); any other module gets the ``len`` shadow only.
     """
-
-    def symbolic_len(obj: Any) -> Any:
-        return obj.shape[0] if isinstance(obj, torch.Tensor) else builtins.len(obj)
-
-    hf = [m for m in model.modules() if type(m).__module__.startswith("transformers.")]
-    modules = {sys.modules[type(m).__module__] for m in hf}
-    encoders = [m for m in hf if type(m).__name__.endswith("ConvEncoder") and hasattr(m, "model")]
-    saved = {m: m.__dict__["len"] for m in modules if "len" in m.__dict__}
-    for m in modules:
-        m.len = symbolic_len
-    for m in encoders:
-        m.forward = types.MethodType(_conv_encoder_forward, m)
-    try:
+    detectors, prefixes = [], []  # outermost detectors only (their submodules carry the same config)
+    for name, m in model.named_modules():
+        if family_of(m) is not None and not any(name == p or name.startswith(p + ".") for p in prefixes):
+            detectors.append(m)
+            prefixes.append(name)
+    with contextlib.ExitStack() as stack:
+        for m in detectors:
+            stack.enter_context(family_of(m).export_patches(m))
+        if not detectors:
+            stack.enter_context(symbolic_len(model))
         yield
-    finally:
-        for m in encoders:
-            del m.forward
-        for m in modules:
-            if m in saved:
-                m.len = saved[m]
-            else:
-                del m.len
 
 
 def _check_options(precision: str, batch: tuple[int, int, int], device: str) -> tuple[int, int, int]:

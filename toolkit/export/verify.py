@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
 from ..numerics import tf32
@@ -117,22 +118,36 @@ def _selection_node_output(onnx_model: Any) -> str | None:
     return None
 
 
+class _FirstQuerySelection(TorchFunctionMode):
+    """Records the input of the first ``topk`` with ``k == num_queries``: the encoder's query selection.
+
+    Found by what it does, not by a module's name, so it holds for every family (RT-DETR, D-FINE, DEIMv2 all
+    select ``topk(enc_logits.max(-1).values, num_queries, dim=1)``) and for users' modules that do the same;
+    it mirrors :func:`_selection_node_output`, the TopK fed by a ReduceMax in the graph.
+    """
+
+    def __init__(self, num_queries: int | None) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.scores: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.scores is None and self.num_queries and func in (torch.topk, torch.Tensor.topk):
+            k = args[1] if len(args) > 1 else kwargs.get("k")
+            if k == self.num_queries and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+                self.scores = args[0].detach().float()
+        return func(*args, **kwargs)
+
+
 def _torch_selection_scores(model: DeployModel, images: torch.Tensor, sizes: torch.Tensor, precision: str = "fp32"):
-    """Torch outputs plus the encoder's per-position max class logits (None if the model has no enc_score_head)."""
+    """Torch outputs plus the encoder's per-position max class logits (None where no query selection ran)."""
     forward = model if precision == "fp32" else ReducedPrecision(copy.deepcopy(model), PRECISIONS[precision])
-    if precision != "fp32":
-        model = forward.deploy
-    head = getattr(getattr(getattr(model.model, "model", None), "enc_score_head", None), "register_forward_hook", None)
-    captured: dict[str, torch.Tensor] = {}
-    handle = head(lambda _m, _i, out: captured.__setitem__("scores", out)) if head else None
-    try:
-        with torch.inference_mode(), tf32(False):
-            outputs = forward(images, sizes)
-    finally:
-        if handle is not None:
-            handle.remove()
-    sel = captured["scores"].float().max(-1).values if "scores" in captured else None
-    return outputs, sel
+    num_queries = getattr(getattr(model.model, "config", None), "num_queries", None)
+    capture = _FirstQuerySelection(num_queries)
+    with torch.inference_mode(), tf32(False), capture:
+        outputs = forward(images, sizes)
+    return outputs, capture.scores
 
 
 def verify_onnx(path: str | Path, model: DeployModel, *, sizes_dtype: torch.dtype = torch.int64,

@@ -1,6 +1,8 @@
-"""Named model configs (``configs/NAME.json``) and building transformers RT-DETR models from them.
+"""Named model configs (``configs/NAME.json``) and building transformers detectors from them.
 
-The RT-DETR implementation is transformers' (``RTDetrForObjectDetection``, ``RTDetrV2ForObjectDetection``).
+The implementations are transformers' (``RTDetrForObjectDetection``, ``DFineForObjectDetection``, ...); which
+``model_type`` maps to which classes, and what each family needs beyond them, is the family registry's
+(:mod:`toolkit.models.families`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..signature import PreprocessSpec
 from .contract import DeployModel
+from .families import family_for, model_types, transformers_classes
 
 CONFIG_DIR = Path(os.environ.get("RTDETR_DEPLOY_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
 
@@ -24,7 +27,7 @@ CONFIG_DIR = Path(os.environ.get("RTDETR_DEPLOY_CONFIGS", Path(__file__).resolve
 DEPLOY_FILE = "deploy.json"  # written beside a saved HF checkpoint: preprocessing, top-K, config name
 
 
-_MODEL_TYPES = {"rt_detr": "RTDetr", "rt_detr_v2": "RTDetrV2"}
+_MODEL_TYPES = {mt: fam.model_types[mt] for mt, fam in model_types().items()}  # model_type -> class prefix
 
 
 @dataclass
@@ -70,11 +73,7 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
     return cfg
 
 
-def _transformers_classes(model_type: str) -> tuple[type, type]:
-    import transformers
-
-    prefix = _MODEL_TYPES[model_type]
-    return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForObjectDetection")
+_transformers_classes = transformers_classes
 
 
 def hf_config(cfg: ModelConfig) -> Any:
@@ -122,7 +121,9 @@ def _wrap_hf(model: nn.Module, cfg: ModelConfig) -> DeployModel:
     q, c = model.config.num_queries, model.config.num_labels
     if cfg.top_k > q * c:
         raise ConfigError(f"config {cfg.name}: top_k={cfg.top_k} exceeds queries x classes = {q}x{c}")
-    return DeployModel(model, class_names=cfg.class_names, preprocess=cfg.preprocess, top_k=cfg.top_k, name=cfg.name)
+    normalize = family_for(model.config.model_type).normalization(model.config)
+    return DeployModel(model, class_names=cfg.class_names, preprocess=cfg.preprocess, top_k=cfg.top_k, name=cfg.name,
+                       normalize=normalize)
 
 
 def make_tie_free_(model: DeployModel, seed: int = 0, std: float = 0.3) -> DeployModel:

@@ -4,11 +4,13 @@ Inputs ``images`` float32 [N,3,H,W] and ``orig_target_sizes`` [N,2] as (w, h); o
 [N,K], ``boxes`` float32 [N,K,4] xyxy in original-image pixels and ``scores`` float32 [N,K]: sigmoid
 scores, top-K over queries x classes, boxes scaled by the sizes, as the official RT-DETR postprocessor
 does in its deploy mode. :class:`DeployModel` wraps any model that returns raw predictions and carries
-the class names and preprocessing with it.
+the class names and preprocessing with it; a network that expects normalized input (DEIMv2's DINOv3
+backbones: ImageNet mean/std) is normalized inside the wrapper, so ``images`` stay in [0, 1] for every family.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -76,6 +78,8 @@ class DeployModel(nn.Module):
 
     ``model`` either returns raw predictions (dict or output object, official or transformers naming)
     and is post-processed here, or already implements the contract (``contract=True``) and is called as is.
+    ``normalize``: (mean, std) per channel applied to ``images`` before a raw-predictions model (recorded in
+    ``preprocess.in_model_normalization``, so consumers know not to normalize again).
     """
 
     def __init__(
@@ -87,10 +91,19 @@ class DeployModel(nn.Module):
         top_k: int = 300,
         contract: bool = False,
         name: str = "custom",
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.class_names = list(class_names)
+        normalize = normalize if normalize is not None else preprocess.in_model_normalization
+        if normalize is not None:
+            if contract:
+                raise ConfigError("normalize applies to raw-predictions models; a contract model normalizes itself")
+            mean, std = (tuple(float(v) for v in part) for part in normalize)
+            self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+            preprocess = replace(preprocess, in_model_normalization=(mean, std))
         self.preprocess = preprocess
         self.top_k = int(top_k)
         self.contract = contract
@@ -126,6 +139,8 @@ class DeployModel(nn.Module):
         """Raw (logits, normalized cxcywh boxes) before the postprocess; only for models that return them."""
         if self.contract:
             raise ConfigError("this model implements the deploy contract itself; its raw predictions are not reachable")
+        if self.preprocess.in_model_normalization is not None:
+            images = (images - self.input_mean) / self.input_std
         return raw_predictions(self.model(images))
 
     def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ def load_hf_directory(path: Path) -> DeployModel:
     cfg_json = json.loads((path / "config.json").read_text())
     model_type = cfg_json.get("model_type")
     if model_type not in _MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not an RT-DETR ({', '.join(_MODEL_TYPES)})")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a supported detector ({', '.join(_MODEL_TYPES)})")
     _, model_cls = _transformers_classes(model_type)
     from transformers.utils import logging as hf_logging
 
@@ -150,8 +150,11 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
                               f"drop --config {config} (configs are for weights files and random weights)")
         return load_hf_directory(path)
     from .official import load_official_checkpoint, looks_official
+    from .official_dfine import load_dfine_checkpoint, looks_dfine
 
     state = _read_state_dict(path)
+    if looks_dfine(state):  # a Peterande/D-FINE checkpoint (its names extend RT-DETR's: checked first)
+        return load_dfine_checkpoint(state, config=config, name=str(path))
     if looks_official(state):  # a lyuwenyu/RT-DETR checkpoint: keys remapped, config inferred when not given
         return load_official_checkpoint(state, config=config, name=str(path))
     if config is None:
