@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,11 +222,3 @@ def _check_io(original: Any, quantized: Any) -> None:
     if _io(original) != _io(quantized):
         raise ExportError(f"quantization changed the model's I/O: {_io(original)} -> {_io(quantized)}")
 
-
-def node_regions(model: Any) -> dict[str, int]:
-    """Node count per top-level module (for reports): which parts of the graph hold how many nodes."""
-    c: collections.Counter = collections.Counter()
-    for n in model.graph.node:
-        parts = [p for p in re.split(r"/", n.name) if p and p != "model"]
-        c[parts[0] if len(parts) > 1 else "(top)"] += 1
-    return dict(c)
