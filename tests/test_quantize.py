@@ -103,7 +103,7 @@ def test_fixture_int8_passes_accuracy_gates_with_convs_fused(fixture_fp32, tmp_p
     from toolkit.data.shapes import write_split
 
     calib = tmp_path / "calib"
-    write_split(calib, "train", 8, seed=5, size=320)
+    write_split(calib, "train", 32, seed=5, size=320)
     out = tmp_path / "shapes.int8.onnx"
     report = quantize(fixture_fp32, out, calib / "train", eval_synthetic=24, min_speedup=None, progress=False)
     gates = {g.name: g.passed for g in report.gates}

@@ -40,7 +40,7 @@ BODY_PATTERNS = ("/backbone/", "/encoder/", "encoder_input_proj")
 SENSITIVE_PATTERNS = ("sampling_offsets", "attention_weights", "class_embed", "bbox_embed", "enc_score_head",
                       "enc_bbox_head", "query_pos_head")
 #: op types never quantized (outputs are indices, coordinates or sampling locations).
-FP32_OP_TYPES = ("GridSample", "TopK", "GatherElements", "Softmax", "Sigmoid")
+FP32_OP_TYPES = ("GridSample", "TopK", "GatherElements", "Softmax", "Sigmoid", "LayerNormalization")
 
 
 @dataclass
