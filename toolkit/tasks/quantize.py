@@ -135,16 +135,16 @@ def _compare_gate(cmp: Any) -> Gate:
 
 
 def measure_speed(fp32: str | Path, int8: str | Path, feeds: dict[int, dict[str, Any]], rounds: int = 10,
-                  warmup: int = 2) -> dict[str, dict[str, float]]:
-    """Median latency of both files in one process on ONNX Runtime CPU, calls interleaved round by round so that
-    a busy machine slows both alike; returns ``{batch: {fp32_ms, int8_ms, speedup}}``."""
+                  warmup: int = 2, providers: Sequence[str] = ("CPUExecutionProvider",)) -> dict[str, dict[str, float]]:
+    """Median latency of both files in one process on ONNX Runtime (CPU unless ``providers`` says otherwise), calls
+    interleaved round by round so that a busy machine slows both alike; returns ``{batch: {fp32_ms, int8_ms, speedup}}``."""
     import numpy as np
     import onnxruntime as ort
 
     def session(path: str | Path) -> Any:
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=list(providers))
 
     sessions = {"fp32": session(fp32), "int8": session(int8)}
     out: dict[str, dict[str, float]] = {}
