@@ -22,6 +22,7 @@ _EXPORTS = {
     "inspect_file": "tasks.inspect",
     "load": "runtime.engine", "Engine": "runtime.base",
     "compare": "checks.compare", "CompareReport": "checks.report",
+    "quantize": "tasks.quantize",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -359,6 +359,46 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="fp32 .onnx file written by 'rtdetr-deploy export'."),
+    output: Path = typer.Option(..., "--output", "-o", help="INT8 ONNX file to write (Q/DQ in the graph)."),
+    calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Calibration images (files or directories)."),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Calibrate on N synthetic shapes images instead."),
+    method: str = typer.Option("minmax", help="Calibration: minmax, entropy or percentile."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Op type or (part of a) node name kept fp32; repeatable or comma-separated."),
+    activations: str = typer.Option("uint8", help="uint8 (ONNX Runtime CPU: fuses into QLinearConv) or int8 (TensorRT's symmetric form)."),
+    scope: str = typer.Option("body", help="body (backbone + encoder in INT8; decoder, heads, postprocess fp32) or all."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="COCO JSON or dataset root for the mAP gate (default: synthetic shapes)."),
+    eval_synthetic: int = typer.Option(100, help="Synthetic images for the accuracy gates when --eval-data is not given."),
+    max_map_drop: float = typer.Option(1.0, help="mAP points INT8 may lose against fp32."),
+    min_speedup: float = typer.Option(1.0, help="INT8 must be at least this many times faster than fp32 (ONNX Runtime CPU)."),
+    force: bool = typer.Option(False, "--force", help="Write a result that fails a gate (labelled so in its metadata)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the gate report as JSON."),
+) -> None:
+    """Post-training INT8 that is faster and as accurate as fp32, or refused with the figures (exit 1)."""
+    from .atomic import write_text
+    from .tasks.quantize import QuantizationRefused
+    from .tasks.quantize import quantize as run_quantize
+
+    parts = [e for item in exclude for e in item.split(",") if e.strip()]
+    try:
+        report = run_quantize(model, output, calib, synthetic, method=method, exclude=parts, activations=activations, scope=scope,
+                              eval_data=eval_data, eval_synthetic=eval_synthetic, max_map_drop=max_map_drop,
+                              min_speedup=min_speedup, force=force, say=lambda line: console.print(line, highlight=False))
+    except QuantizationRefused as e:
+        console.print(e.report.table(), highlight=False)
+        if json_path is not None:
+            write_text(json_path, json.dumps(e.report.to_dict(), indent=1))
+        err_console.print(f"[red]refused:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(report.table(), highlight=False)
+    if json_path is not None:
+        write_text(json_path, json.dumps(report.to_dict(), indent=1))
+    label = " [yellow](forced: failed gates are recorded in its metadata)[/yellow]" if report.forced else ""
+    console.print(f"wrote {report.output} in {report.seconds:.1f} s{label}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: ToolkitError -> one line on stderr, exit 2."""
     from .atomic import install_signal_handlers, restore_signal_handlers

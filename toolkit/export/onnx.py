@@ -45,6 +45,7 @@ class ExportResult:
     verify: VerifyReport | None
     lints: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    islands: Any = None  # toolkit.export.islands.IslandReport for fp16 exports with auto_islands
 
 
 def _resize_model(model: DeployModel, size: tuple[int, int]) -> DeployModel:
@@ -98,6 +99,7 @@ def export_onnx(
     verify: bool = True,
     precision: str = "fp32",
     progress: bool = False,
+    auto_islands: bool = True,
 ) -> ExportResult:
     """Export ``model`` (anything :func:`toolkit.models.loading.load_model` accepts) to a verified ONNX file at ``output``.
 
@@ -105,6 +107,8 @@ def export_onnx(
     sigmoid, top-K and box scaling stay fp32: reduced precision as a property of the graph, which is what
     strongly typed builders (TensorRT 11, TensorRT-RTX) need, and what ONNX Runtime CUDA runs as is.
     ``progress``: a line on stderr per step (load, trace, check, verify) with its elapsed time.
+    With ``auto_islands`` (default) the nodes whose fp16 outputs overflow on the verification images are kept in
+    fp32 (:mod:`toolkit.export.islands`); they are listed in ``result.islands`` and the ``fp16_islands`` metadata.
     """
     import onnx
 
@@ -138,8 +142,11 @@ def export_onnx(
             raise ExportError(f"torch.onnx.export failed at opset {opset}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
         onnx_model = onnx.load(str(tmp))
         _name_output_dims(onnx_model, deploy.top_k if not deploy.contract else None)
+        islands = None
         if precision != "fp32":
             _grid_sample_in_fp32(onnx_model)
+            if auto_islands:
+                islands = _auto_islands(onnx_model, (h, w), sizes_dtype)
         if simplify:
             onnx_model = _simplify(onnx_model)
         signature = replace(from_onnx(onnx_model), preprocess=deploy.preprocess)
@@ -153,6 +160,8 @@ def export_onnx(
         generated = getattr(deploy, "random_weights", None)
         if generated:  # generated, untrained weights: say so in every artifact
             meta["random_weights"] = generated
+        if islands is not None:
+            meta["fp16_islands"] = json.dumps(islands.nodes)
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
             onnx_model.metadata_props.add(key=k, value=v)
@@ -168,7 +177,20 @@ def export_onnx(
                 report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
             if report.verdict == "disagree":  # inconclusive (tied selection) is written, and says so
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
-    return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)
+    notes = lint(onnx_model, signature) + ([islands.summary()] if islands is not None and islands.nodes else [])
+    return ExportResult(output, signature, report, notes, time.perf_counter() - start, islands)
+
+
+def _auto_islands(onnx_model: Any, size: tuple[int, int], sizes_dtype: str) -> Any:
+    """fp32 islands where fp16 overflows on the structured verification images (see toolkit.export.islands)."""
+    import numpy as np
+
+    from .islands import auto_islands
+    from .verify import verification_images
+
+    images = verification_images(4, size, seed=11).numpy()
+    sizes = np.array([[size[1], size[0]]] * 4, dtype=sizes_dtype)
+    return auto_islands(onnx_model, [{INPUT_IMAGES: images[:2], INPUT_SIZES: sizes[:2]}, {INPUT_IMAGES: images[2:], INPUT_SIZES: sizes[2:]}])
 
 
 def _preprocess_dict(model: DeployModel) -> dict[str, Any]:
