@@ -55,12 +55,15 @@ def export(
     simplify: bool = typer.Option(False, help="Simplify with onnxslim (verified like the original)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
     precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold BatchNorm into the convolutions and precompute constants (verified)."),
 ) -> None:
     """Export a model behind the deploy contract to a verified ONNX file."""
     from .export.onnx import export_onnx
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
-                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision)
+                         sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision, fold=fold)
+    if result.fold is not None:
+        console.print(result.fold.summary(), highlight=False)
     if result.verify is not None:
         console.print(result.verify.summary())
     for note in result.lints:

@@ -21,6 +21,7 @@ from .. import __version__
 from ..atomic import atomic_path, check_output_path
 from ..errors import ExportError
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..models.fold import FoldError, FoldReport, fold_model
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
 from ..signature import (
@@ -43,6 +44,7 @@ class ExportResult:
     verify: VerifyReport | None
     lints: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    fold: FoldReport | None = None  # what was folded into the exported graph (None: fold=False)
 
 
 def _resize_model(model: DeployModel, size: tuple[int, int]) -> DeployModel:
@@ -95,12 +97,18 @@ def export_onnx(
     simplify: bool = False,
     verify: bool = True,
     precision: str = "fp32",
+    fold: bool = True,
 ) -> ExportResult:
     """Export ``model`` (anything :func:`toolkit.models.loading.load_model` accepts) to a verified ONNX file at ``output``.
 
     ``precision="fp16"`` (or ``"bf16"``) exports the network body in half precision while the I/O, the
     sigmoid, top-K and box scaling stay fp32: reduced precision as a property of the graph, which is what
     strongly typed builders (TensorRT 11, TensorRT-RTX) need, and what ONNX Runtime CUDA runs as is.
+
+    ``fold`` (default): export a copy with every BatchNorm folded into its convolution and the position embedding
+    precomputed (:func:`toolkit.models.fold.fold_model`, proved equal to the model in fp32 first); the ONNX
+    verification then compares the folded file against the *unfolded* torch model. The metadata key ``fold``
+    records what was folded (``off`` without).
     """
     import onnx
 
@@ -120,7 +128,14 @@ def export_onnx(
     images = torch.rand(2, 3, h, w, device=device)
     sizes = torch.tensor([[w, h], [w // 2, h // 2]], dtype=sdtype, device=device)
     axes = {n: {0: "N"} for n in (INPUT_IMAGES, INPUT_SIZES, *OUTPUTS)} if dynamic_batch else None
-    traced = deploy if precision == "fp32" else ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).eval()
+    fold_report = None
+    body = deploy
+    if fold:
+        try:
+            body, fold_report = fold_model(deploy)
+        except FoldError as e:
+            raise ExportError(f"folding the model for export failed: {e}") from None
+    traced = body if precision == "fp32" else ReducedPrecision(copy.deepcopy(body), PRECISIONS[precision]).eval()
     with atomic_path(output) as tmp:
         try:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -141,6 +156,7 @@ def export_onnx(
             "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
             "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
+            "fold": json.dumps(fold_report.to_dict()) if fold_report is not None else "off",
         }
         del onnx_model.metadata_props[:]
         for k, v in meta.items():
@@ -155,7 +171,7 @@ def export_onnx(
             report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
             if not report.ok:
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
-    return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)
+    return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start, fold_report)
 
 
 def _preprocess_dict(model: DeployModel) -> dict[str, Any]:
