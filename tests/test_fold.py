@@ -63,6 +63,7 @@ def test_fold_is_a_verified_copy_with_every_norm_folded(tiny_stats):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_folded_onnx_matches_ort_on_the_unfolded_export(tiny_stats, tmp_path):
     plain = export_onnx(tiny_stats, tmp_path / "plain.onnx", fold=False)
     folded = export_onnx(tiny_stats, tmp_path / "folded.onnx")
@@ -82,6 +83,7 @@ def test_folded_onnx_matches_ort_on_the_unfolded_export(tiny_stats, tmp_path):
         assert m.compared > 50 and m.label_mismatches == 0 and m.max_box_diff < 0.05 and m.max_score_diff < 1e-4
 
 
+@pytest.mark.slow
 def test_fixture_folded_equals_unfolded_in_torch_and_ort(tmp_path):
     model = load_model(FIXTURE).eval()
     folded, report = fold_model(model)
@@ -139,6 +141,7 @@ def test_a_fold_that_would_change_the_model_is_caught():
         fold_model(model)
 
 
+@pytest.mark.slow
 def test_cli_export_reports_the_fold_and_no_fold_turns_it_off(tmp_path):
     r = run_cli("export", "--config", "tiny", "-o", str(tmp_path / "t.onnx"), "--no-verify")
     assert r.returncode == 0, r.stderr

@@ -229,7 +229,7 @@ def _inductor_options(pairs: list[str]) -> dict[str, Any]:
 @app.command()
 def bench(
     model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint or config name (random weights are fine for speed)."),
-    backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt", help="Comma-separated backends."),
+    backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt,torch-compile", help="Comma-separated backends (torch-compile: the torch.compile peer)."),
     batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16."),
     cuda_graphs: str = typer.Option("off", help="off, on, or both (CUDA only)."),

@@ -19,7 +19,7 @@ from .base import BaseEngine
 
 # backend name -> module in toolkit.runtime.backends exposing ``load(source, device, **options) -> Engine``
 BACKENDS = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "aoti": "aoti",
-            "torch-tensorrt": "torch_tensorrt"}
+            "torch-tensorrt": "torch_tensorrt", "torch-compile": "torch_compile"}
 _SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
 
 
@@ -37,7 +37,7 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
     """Load anything runnable as an :class:`Engine`.
 
     ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), ``.ep`` (Torch-TensorRT), an
-    ``nn.Module``, checkpoint or config name (eager torch). ``options`` go to the backend and the binder
+    ``nn.Module``, checkpoint or config name (eager torch; ``backend="torch-compile"`` compiles it with ``torch.compile``). ``options`` go to the backend and the binder
     (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
     replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.runtime.cudagraph.CudaGraphEngine`
     for the others).
@@ -52,7 +52,8 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
         if p.suffix.lower() in _SUFFIXES and _SUFFIXES[p.suffix.lower()] != backend and backend != "torch":
             raise EngineError(f"{p} is a {_SUFFIXES[p.suffix.lower()]} file; it cannot be loaded by the {backend} backend")
     module = import_module(f".backends.{BACKENDS[backend]}", __package__)
-    graph = backend != "onnxruntime" and bool(options.pop("cuda_graph", False))  # ONNX Runtime captures its own
+    # ONNX Runtime and torch.compile (reduce-overhead) capture their own CUDA graphs
+    graph = backend not in ("onnxruntime", "torch-compile") and bool(options.pop("cuda_graph", False))
     if graph and backend == "aoti":
         options["run_single_threaded"] = True  # the default AOTI runner synchronizes in ways stream capture refuses
     engine = module.load(source, device=torch.device(device) if device is not None else None, **options)

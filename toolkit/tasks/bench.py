@@ -28,9 +28,9 @@ from ..runtime.base import BaseEngine
 from ..signature import INPUT_IMAGES, INPUT_SIZES
 from .bench_report import plot_bench
 
-BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt", "torch-compile")
 JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
-             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check")
+             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check", "compile_s")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class BenchRow:
     first_call_s: float | None = None
     end_to_end: bool = False
     build_s: float | None = None
+    compile_s: float | None = None  # torch-compile: its compile at this batch size (the first call), apart from the timings
 
     @property
     def label(self) -> str:
@@ -148,7 +149,7 @@ class _Artifacts:
 
     def artifact(self, backend: str, precision: str) -> Any:
         """The file ``backend`` loads (built on first use: export, AOTI compile, engine build), or the model."""
-        if backend == "torch":
+        if backend in ("torch", "torch-compile"):  # torch-compile compiles at its first call per shape (compile_s)
             return self.model
         if backend == "onnxruntime":
             return self.onnx(precision)
@@ -179,7 +180,7 @@ class _Artifacts:
         if key not in self._engines:
             source = self.artifact(backend, precision)
             options: dict[str, Any] = {"check_values": False, "cuda_graph": cuda_graph}
-            if backend == "torch":
+            if backend in ("torch", "torch-compile"):
                 source, options["precision"] = copy.deepcopy(source), precision
             self._engines[key] = engine_mod.load(source, backend=backend, device=self.device, **options)
         return self._engines[key]
@@ -204,6 +205,8 @@ def _runnable(backend: str, device: torch.device, cuda_graph: bool) -> str | Non
             return "onnxruntime has no CUDAExecutionProvider (pip install 'rtdetr-deploy[gpu]')"
     if cuda_graph and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
+    if cuda_graph and backend == "torch-compile":
+        return "torch.compile(mode='reduce-overhead') captures its own CUDA graphs: see its row without +graph"
     return None
 
 
@@ -375,6 +378,7 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         row.first_call_s = time.perf_counter() - start
+        row.compile_s = getattr(engine, "compile_s", {}).get(tuple(feeds[INPUT_IMAGES].shape))
         times = time_calls(call, dev, warmup, iters)
         row.median_ms = statistics.median(times)
         row.p90_ms = _percentile(times, 0.90)
