@@ -159,6 +159,12 @@ cuDNN then transposes around every convolution), ``freezing`` folds the weights 
 batch 32 from 1085 to 1311 img/s, batch 1 from 2.35 to 2.09 ms, fixture mAP 0.8335 against 0.8340."""
 
 
+TUNE_INDUCTOR_CONFIGS: dict[str, Any] = {"max_autotune": True, "coordinate_descent_tuning": True}
+"""``build --tune``: Inductor benchmarks its GEMM/convolution templates and tunes its Triton kernels at build time
+(minutes, in parallel compile workers); the package cache and Inductor's own cache keep the result. Load time and
+results are unaffected."""
+
+
 def build_aoti(
     model: Any,
     output: str | Path,
