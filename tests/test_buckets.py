@@ -105,6 +105,13 @@ def test_one_static_aoti_bucket_built_loaded_and_padded(tiny_model, ort_referenc
         images = verification_images(n, (128, 128), seed=40 + n)
         _agree(engine(images=images, orig_target_sizes=SIZES[:n]), ort_reference(images, SIZES[:n]), n)
     assert engine.calls == {2: 2}
+    # bench's aoti-static rows build the same static package (an engine-cache hit here) behind their own manifest
+    from toolkit.tasks.bench import bench
+
+    report = bench(tiny_model, backends=("aoti-static",), batches=(2,), warmup=1, iters=2, device="cpu",
+                   workdir=tmp_path / "bench", progress=False)
+    assert [(r.backend, r.batch, r.status) for r in report.rows] == [("aoti-static", 2, "ok")], report.rows
+    assert list((tmp_path / "bench").glob("*.buckets"))
 
 
 def test_cli_build_flags_refuse_clearly(tiny_onnx, tmp_path):
