@@ -215,6 +215,8 @@ def build(
     _print_signature(result.signature)
     if result.metadata.get("orig_target_sizes_note"):
         console.print(result.metadata["orig_target_sizes_note"])
+    if isinstance(result.metadata.get("fold"), dict):
+        console.print(f"folded {result.metadata['fold']['folded_pairs']} conv-norm pair(s) into the compiled model")
     console.print(result.summary())
 
 
