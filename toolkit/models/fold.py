@@ -21,6 +21,12 @@ already computed once (at ``anchor_image_size``) and stored, so nothing is left 
 position embedding is rebuilt from the feature-map shape on every call (an LRU cache in eager mode, but
 ``Range``/``Sin``/``Cos`` nodes in the ONNX graph and in exported programs); :class:`FixedPositionEmbedding`
 returns it from a buffer at the model's size and computes it as before at any other size.
+
+ONNX Runtime gains nothing measurable from either (its session optimizer fuses a convolution with a following
+multiply-add and folds constants itself): interleaved A/B on a 2-core CPU, 1 thread, batch 1 (``.ci/fold-ab``,
+2026-12-03), the trained fixture at 320 ran 31.7 ms unfolded, 32.2 ms BatchNorm-folded and 31.6 ms folded with
+the position embedding precomputed; ``rtdetr_r18vd`` at 640 3673 / 3620 / 3583 ms, all within the noise. The
+fold is for the backends that compile the torch model, and the fixed position embedding costs nothing.
 """
 
 from __future__ import annotations
