@@ -44,3 +44,7 @@ class InputError(ToolkitError):
 
 class ComparisonError(ToolkitError):
     """Two backends disagree, a sentinel fired on one of them, or a validation stage broke."""
+
+
+class FoldError(ToolkitError):
+    """Folding a model's constants (BatchNorm into its convolutions) gave non-finite weights or changed its outputs."""

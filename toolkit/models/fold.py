@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ToolkitError
+from ..errors import FoldError
 from ..numerics import tf32
 from .contract import DeployModel
 
@@ -49,9 +49,8 @@ from .contract import DeployModel
 FOLD_LAYER_RTOL = 1e-5
 FOLD_OUTPUT_RTOL = 1e-3
 
-
-class FoldError(ToolkitError):
-    """A fold produced non-finite weights or changed what the model computes."""
+__all__ = ["FOLD_LAYER_RTOL", "FOLD_OUTPUT_RTOL", "FixedPositionEmbedding", "FoldError", "FoldReport", "find_pairs",
+           "fold_model", "folded_conv", "verify_fold"]
 
 
 @dataclass
