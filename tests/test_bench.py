@@ -104,5 +104,7 @@ def test_bench_aoti_with_inductor_options_on_cpu(tiny_model, tmp_path):
     sizes = torch.tensor([[640, 480], [320, 240]])
     out = toolkit.load(package)(images=images, orig_target_sizes=sizes)
     ref = toolkit.load(tiny_model, backend="torch", device="cpu")(images=images, orig_target_sizes=sizes)
-    assert torch.equal(out["labels"], ref["labels"])
-    assert torch.allclose(out["boxes"], ref["boxes"], atol=1e-2) and torch.allclose(out["scores"], ref["scores"], atol=1e-4)
+    from tests.test_aoti import _assert_detections_close
+
+    # up to the order of equal scores: the folded package swaps two detections scoring 0.5391 at ranks 28/29
+    _assert_detections_close(out, ref, box_atol=1e-2, score_atol=1e-4)

@@ -132,6 +132,7 @@ def test_tiny_parity_with_eager(tiny_ep, tiny_model, sample_images):
     meta = read_sidecar(tiny_ep)
     assert meta["backend"] == "torch-tensorrt" and meta["precision"] == "fp32" and meta["compute_capability"]
     assert meta["torch_tensorrt_version"] == torch_tensorrt.__version__ and meta["batch"] == {"min": 1, "opt": 2, "max": 4}
+    assert meta["fold"]["folded_pairs"] == 57  # compiled from the folded copy; parity below is against the unfolded model
     assert not list(tiny_ep.parent.glob(".*"))  # no temporary left behind
     engine = toolkit.load(tiny_ep)
     assert engine.backend == "torch-tensorrt" and engine.device.type == "cuda"

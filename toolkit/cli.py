@@ -55,6 +55,7 @@ def export(
     simplify: bool = typer.Option(False, help="Simplify with onnxslim (verified like the original)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
     precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold BatchNorm into the convolutions and precompute constants (verified)."),
 ) -> None:
     """Export a model behind the deploy contract to a verified ONNX file; exit 2 (nothing written) when verify finds a
     difference or NaN/Inf, 3 (file written) when it could not judge (tied query selection)."""
@@ -62,7 +63,9 @@ def export(
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
                          sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision,
-                         progress=True)
+                         progress=True, fold=fold)
+    if result.fold is not None:
+        console.print(result.fold.summary(), highlight=False)
     if result.verify is not None:
         console.print(result.verify.summary())
     for note in result.lints:
@@ -189,12 +192,15 @@ def build(
     backend: Optional[str] = typer.Option(None, help="tensorrt, tensorrt-rtx, or a backend that compiles the model: aoti "
                                           "(default: from -o's suffix, else TensorRT where installed, else aoti)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (checked in the built engine; TensorRT 11/RTX need an fp16 ONNX)."),
-    batch: str = typer.Option("1,1,8", help="MIN,OPT,MAX of the dynamic batch dim."),
+    batch: str = typer.Option("1,1,8", help="MIN,OPT,MAX of the dynamic batch dim (with --static: the bucket sizes, e.g. 1,8,32)."),
     workspace: Optional[float] = typer.Option(None, help="TensorRT: workspace memory pool limit in GiB."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT: timing cache file to read and update."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse an identical engine from ~/.cache/rtdetr-deploy/engines."),
     model: Optional[str] = typer.Option(None, "--model", help="aoti: checkpoint or config to compile (default: the model the ONNX was exported from)."),
     device: Optional[str] = typer.Option(None, help="aoti: cpu or cuda (default: the GPU if present)."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="aoti, torch-tensorrt: fold BatchNorm into the convolutions first (verified)."),
+    static: bool = typer.Option(False, "--static", help="aoti, torch-tensorrt: one static package per --batch size and a .buckets manifest (-o)."),
+    tune: bool = typer.Option(False, "--tune", help="aoti: Inductor max-autotune (GEMM/conv templates); minutes more, cached."),
 ) -> None:
     """Build a TensorRT / TensorRT-RTX engine from an ONNX file, or an AOTInductor .pt2 (from the ONNX's model or --model)."""
     from .builders.build import MODEL_BUILDERS, build_engine, build_from_model
@@ -204,26 +210,31 @@ def build(
         parts = tuple(int(p) for p in batch.split(","))
     except ValueError:
         parts = ()
+    if static:
+        return _build_static(onnx, output, backend, precision, parts or batch, model, device, fold, tune, cache)
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
     backend, output = _build_target(backend, output, from_model=model is not None)
+    extra = _model_build_options(backend, fold, tune)
     if model is not None:
         if backend not in MODEL_BUILDERS:
             raise InputError(f"--model is for backends that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
                              f"{backend} builds from the ONNX file")
         source, config = (model, None) if Path(model).exists() else (None, model)
         result = build_from_model(source, output, backend=backend, config=config, precision=precision, batch=parts,
-                                  device=device, cache=cache)
+                                  device=device, cache=cache, **extra)
     elif onnx is None:
         raise InputError("give the ONNX file to build (or --model for a backend that compiles the torch model)")
     else:
         result = build_engine(onnx, output, backend=backend, precision=precision, batch=parts, workspace_gib=workspace,
-                              timing_cache=timing_cache, cache=cache, device=device)
+                              timing_cache=timing_cache, cache=cache, device=device, **extra)
     for note in result.warnings:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     _print_signature(result.signature)
     if result.metadata.get("orig_target_sizes_note"):
         console.print(escape(result.metadata["orig_target_sizes_note"]))
+    if isinstance(result.metadata.get("fold"), dict):
+        console.print(f"folded {result.metadata['fold']['folded_pairs']} conv-norm pair(s) into the compiled model")
     console.print(escape(result.summary()))
 
 
@@ -250,6 +261,43 @@ def _build_target(backend: Optional[str], output: Optional[Path], from_model: bo
     return backend, output if output is not None else Path(_BUILD_OUTPUTS.get(backend, "model.engine"))
 
 
+def _model_build_options(backend: str, fold: bool, tune: bool) -> dict[str, Any]:
+    """--no-fold / --tune as builder options; only the builders that compile the torch model take them."""
+    from .builders.aoti import TUNE_INDUCTOR_CONFIGS
+    from .builders.build import MODEL_BUILDERS
+
+    if tune and backend != "aoti":
+        raise InputError(f"--tune runs Inductor's autotuning, for --backend aoti; {backend} tunes in its own builder")
+    if backend not in MODEL_BUILDERS:
+        if not fold:
+            raise InputError(f"--no-fold is for the builders that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
+                             "for a TensorRT engine export the ONNX with 'rtdetr-deploy export --no-fold'")
+        return {}
+    return {**({"fold": False} if not fold else {}), **({"inductor_configs": dict(TUNE_INDUCTOR_CONFIGS)} if tune else {})}
+
+
+def _build_static(onnx: Optional[Path], output: Path, backend: str, precision: str, sizes: Any, model: Optional[str],
+                  device: Optional[str], fold: bool, tune: bool, cache: bool) -> None:
+    """build --static: one static package per batch size behind a .buckets manifest."""
+    import torch
+
+    from .builders.buckets import build_buckets
+    from .builders.build import model_for_onnx
+
+    if not isinstance(sizes, tuple):
+        raise InputError(f"--batch with --static takes the bucket sizes such as 1,8,32, got {sizes!r}")
+    options = _model_build_options(backend, fold, tune)
+    if model is not None:
+        source, config = (model, None) if Path(model).exists() else (None, model)
+    elif onnx is not None:
+        source, config = model_for_onnx(onnx), None
+    else:
+        raise InputError("give the ONNX file to build (or --model CHECKPOINT)")
+    path = build_buckets(source, output, sizes, backend=backend, config=config, precision=precision, cache=cache,
+                         device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **options)
+    console.print(f"{path}: {backend} {precision} static buckets {', '.join(str(s) for s in sorted(set(sizes)))}")
+
+
 def _inductor_options(pairs: list[str]) -> dict[str, Any]:
     """KEY=VALUE strings as torch._inductor options: 1/0/true/false are booleans, digits ints, the rest strings."""
     from .errors import InputError
@@ -267,7 +315,7 @@ def _inductor_options(pairs: list[str]) -> dict[str, Any]:
 @app.command()
 def bench(
     model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint or config name (random weights are fine for speed)."),
-    backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt", help="Comma-separated backends."),
+    backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt,torch-compile", help="Comma-separated backends (torch-compile: the torch.compile peer)."),
     batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16."),
     cuda_graphs: str = typer.Option("off", help="off, on, or both (CUDA only)."),

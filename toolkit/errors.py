@@ -48,3 +48,7 @@ class ComparisonError(ToolkitError):
 
 class IntegrityError(EngineError):
     """An artifact whose bytes are not the ones the toolkit wrote (size, sha256 or zip CRC differ)."""
+
+
+class FoldError(ToolkitError):
+    """Folding a model's constants (BatchNorm into its convolutions) gave non-finite weights or changed its outputs."""

@@ -151,13 +151,15 @@ def build_engine(
     progress: bool = True,
     cache: bool = True,
     device: str | None = None,
+    **model_options: Any,
 ) -> BuildResult:
     """Build ``onnx_path`` into ``output`` (+ ``output.json`` sidecar) for ``backend``; reuse a cached engine when possible.
 
     ``batch``: (min, opt, max) of the optimization profile for a symbolic batch dim. ``precision``: fp32, fp16 or
     bf16, checked against the built engine (a precision that is not delivered is an error, never a fallback).
     Backends in :data:`MODEL_BUILDERS` compile the model the ONNX was exported from (:func:`model_for_onnx`),
-    on ``device`` (default: the GPU if present).
+    on ``device`` (default: the GPU if present); ``model_options`` go to their builder (``fold``, ``inductor_configs``).
+    TensorRT builds take the graph as exported (``export_onnx(fold=...)`` decides the fold there).
     """
     from .. import __version__
 
@@ -179,7 +181,10 @@ def build_engine(
         if workspace_gib is not None or timing_cache is not None:
             raise BuildError(f"workspace and timing cache are TensorRT build options; the {backend} backend takes neither")
         return build_from_model(model_for_onnx(onnx_path), output, backend=backend, precision=precision, batch=batch,
-                                device=device, progress=progress, cache=cache)
+                                device=device, progress=progress, cache=cache, **model_options)
+    if model_options:
+        raise BuildError(f"{', '.join(model_options)}: options of the builders that compile the torch model "
+                         f"({', '.join(MODEL_BUILDERS)}); a {backend} engine builds the ONNX graph as exported")
     module = import_module(f".{BUILDERS[backend]}", __package__)
     options = {"trt_module": trt_module} if trt_module is not None else {}
     start = time.perf_counter()

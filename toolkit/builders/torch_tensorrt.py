@@ -18,7 +18,6 @@ either way. fp32 layers are built without TF32, like the exact-fp32 eager refere
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from .aoti import (
     _example_inputs,
     _export_and_compile,
     _from_cache,
+    folded_body,
     _sidecar_info,
     _to_cache,
 )
@@ -95,6 +95,7 @@ def build_torch_tensorrt(
     config: str | None = None,
     cache: bool = True,
     min_block_size: int = 5,
+    fold: bool = True,
 ) -> Path:
     """Compile ``model`` with Torch-TensorRT to ``output`` (``.ep``) plus its sidecar; returns the path.
 
@@ -103,7 +104,8 @@ def build_torch_tensorrt(
     ``device``: a CUDA device; the program runs only on GPUs of its compute capability, with the same
     Torch-TensorRT and TensorRT versions. ``min_block_size``: the fewest supported ops worth a TensorRT
     engine (smaller runs stay in PyTorch). ``cache``: reuse a program built before from the same weights,
-    options, versions and GPU architecture (:func:`toolkit.builders.build.cache_dir`).
+    options, versions and GPU architecture (:func:`toolkit.builders.build.cache_dir`). ``fold``: compile a copy with
+    BatchNorm folded into the convolutions (:func:`toolkit.models.fold.fold_model`); the sidecar records it.
     """
     output = check_output_path(output)
     if output.suffix != SUFFIX:
@@ -115,11 +117,12 @@ def build_torch_tensorrt(
     gpu = {"gpu_name": torch.cuda.get_device_name(dev), "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability(dev))}
     deploy = load_model(model, config=config).eval()
     key = _cache_key(deploy, precision, (lo, opt, hi), "cuda",
-                     {"backend": "torch-tensorrt", "min_block_size": min_block_size, **versions, **gpu})
+                     {"backend": "torch-tensorrt", "min_block_size": min_block_size, "_fold": fold, **versions, **gpu})
     cached = cache_dir() / f"torch-tensorrt-{key}{SUFFIX}"
     if cache and _from_cache(cached, output):
         return output
-    body = ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).to(dev).eval()
+    folded, fold_info = folded_body(deploy, fold)
+    body = ReducedPrecision(folded, PRECISIONS[precision]).to(dev).eval()
     h, w = deploy.preprocess.size
     images, sizes = _example_inputs(deploy, lo, opt, hi, dev)
     dynamic_shapes = None
@@ -142,7 +145,7 @@ def build_torch_tensorrt(
                         compile_to, progress)
 
     info = {**_sidecar_info(deploy, "torch-tensorrt", "cuda", precision, (lo, opt, hi)), **versions, **gpu,
-            "min_block_size": min_block_size}
+            "min_block_size": min_block_size, "fold": fold_info}
     write_sidecar(output, info)
     if cache:
         _to_cache(output, cached)

@@ -22,6 +22,7 @@ from ..atomic import atomic_path, check_output_path
 from ..errors import ExportError
 from ..integrity import ONNX_KEY, ONNX_PLACEHOLDER, seal_onnx
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..models.fold import FoldError, FoldReport, fold_model
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
 from ..progress import Steps
@@ -46,6 +47,7 @@ class ExportResult:
     lints: list[str] = field(default_factory=list)
     seconds: float = 0.0
     islands: Any = None  # toolkit.export.islands.IslandReport for fp16 exports with auto_islands
+    fold: FoldReport | None = None  # what was folded into the exported graph (None: fold=False)
 
 
 def _resize_model(model: DeployModel, size: tuple[int, int]) -> DeployModel:
@@ -100,6 +102,7 @@ def export_onnx(
     precision: str = "fp32",
     progress: bool = False,
     auto_islands: bool = True,
+    fold: bool = True,
 ) -> ExportResult:
     """Export ``model`` (anything :func:`toolkit.models.loading.load_model` accepts) to a verified ONNX file at ``output``.
 
@@ -109,6 +112,11 @@ def export_onnx(
     ``progress``: a line on stderr per step (load, trace, check, verify) with its elapsed time.
     With ``auto_islands`` (default) the nodes whose fp16 outputs overflow on the verification images are kept in
     fp32 (:mod:`toolkit.export.islands`); they are listed in ``result.islands`` and the ``fp16_islands`` metadata.
+
+    ``fold`` (default): export a copy with every BatchNorm folded into its convolution and the position embedding
+    precomputed (:func:`toolkit.models.fold.fold_model`, proved equal to the model in fp32 first); the ONNX
+    verification then compares the folded file against the *unfolded* torch model. The metadata key ``fold``
+    records what was folded (``off`` without).
     """
     import onnx
 
@@ -130,7 +138,14 @@ def export_onnx(
     images = torch.rand(2, 3, h, w, device=device)
     sizes = torch.tensor([[w, h], [w // 2, h // 2]], dtype=sdtype, device=device)
     axes = {n: {0: "N"} for n in (INPUT_IMAGES, INPUT_SIZES, *OUTPUTS)} if dynamic_batch else None
-    traced = deploy if precision == "fp32" else ReducedPrecision(copy.deepcopy(deploy), PRECISIONS[precision]).eval()
+    fold_report = None
+    body = deploy
+    if fold:
+        try:
+            body, fold_report = fold_model(deploy)
+        except FoldError as e:
+            raise ExportError(f"folding the model for export failed: {e}") from None
+    traced = body if precision == "fp32" else ReducedPrecision(copy.deepcopy(body), PRECISIONS[precision]).eval()
     with atomic_path(output) as tmp:
         try:
             with steps.step(f"tracing with torch.onnx.export (opset {opset})"), warnings.catch_warnings(), \
@@ -155,6 +170,7 @@ def export_onnx(
             "input_size": json.dumps(list(deploy.preprocess.size)), "class_names": json.dumps(deploy.class_names),
             "preprocess": json.dumps(_preprocess_dict(deploy)), "top_k": str(deploy.top_k), "sizes_dtype": sizes_dtype,
             "precision": precision, "weights_sha256": weights_sha256(deploy), **_source_metadata(model, config),
+            "fold": json.dumps(fold_report.to_dict()) if fold_report is not None else "off",
             ONNX_KEY: ONNX_PLACEHOLDER,  # sealed below with the file's size and sha256
         }
         generated = getattr(deploy, "random_weights", None)
@@ -178,7 +194,7 @@ def export_onnx(
             if report.verdict == "disagree":  # inconclusive (tied selection) is written, and says so
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
     notes = lint(onnx_model, signature) + ([islands.summary()] if islands is not None and islands.nodes else [])
-    return ExportResult(output, signature, report, notes, time.perf_counter() - start, islands)
+    return ExportResult(output, signature, report, notes, time.perf_counter() - start, islands=islands, fold=fold_report)
 
 
 def _auto_islands(onnx_model: Any, size: tuple[int, int], sizes_dtype: str) -> Any:

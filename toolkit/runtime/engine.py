@@ -19,8 +19,8 @@ from .base import BaseEngine
 
 # backend name -> module in toolkit.runtime.backends exposing ``load(source, device, **options) -> Engine``
 BACKENDS = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "aoti": "aoti",
-            "torch-tensorrt": "torch_tensorrt"}
-_SUFFIXES = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
+            "torch-tensorrt": "torch_tensorrt", "torch-compile": "torch_compile"}
+_SUFFIXES = {".buckets": "buckets", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
 
 
 def detect_backend(source: Any) -> str:
@@ -51,8 +51,9 @@ def parse_device(device: str | torch.device | None) -> torch.device | None:
 def load(source: Any, backend: str | None = None, device: str | torch.device | None = None, **options: Any) -> BaseEngine:
     """Load anything runnable as an :class:`Engine`.
 
-    ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), ``.ep`` (Torch-TensorRT), an
-    ``nn.Module``, checkpoint or config name (eager torch). ``options`` go to the backend and the binder
+    ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), ``.ep`` (Torch-TensorRT),
+    ``.buckets`` (static packages per batch size: :mod:`toolkit.runtime.buckets`), an ``nn.Module``, checkpoint or
+    config name (eager torch; ``backend="torch-compile"`` compiles it with ``torch.compile``). ``options`` go to the backend and the binder
     (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
     replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.runtime.cudagraph.CudaGraphEngine`
     for the others). A file the toolkit wrote is first checked against its recorded size and sha256
@@ -60,7 +61,7 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
     """
     parse_device(device)  # an unknown device is an error before anything is read
     backend = backend or detect_backend(source)
-    if backend not in BACKENDS:
+    if backend not in BACKENDS and backend != "buckets":
         raise EngineError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     if not isinstance(source, torch.nn.Module) and isinstance(source, (str, Path)):
         p = Path(source)
@@ -68,8 +69,11 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
             raise EngineError(f"{p}: no such file")
         if p.suffix.lower() in _SUFFIXES and _SUFFIXES[p.suffix.lower()] != backend and backend != "torch":
             raise EngineError(f"{p} is a {_SUFFIXES[p.suffix.lower()]} file; it cannot be loaded by the {backend} backend")
+    if backend == "buckets":
+        return _load_buckets(Path(source), device, options)
     module = import_module(f".backends.{BACKENDS[backend]}", __package__)
-    graph = backend != "onnxruntime" and bool(options.pop("cuda_graph", False))  # ONNX Runtime captures its own
+    # ONNX Runtime and torch.compile (reduce-overhead) capture their own CUDA graphs
+    graph = backend not in ("onnxruntime", "torch-compile") and bool(options.pop("cuda_graph", False))
     if graph and backend == "aoti":
         options["run_single_threaded"] = True  # the default AOTI runner synchronizes in ways stream capture refuses
     engine = module.load(source, device=parse_device(device), **options)
@@ -78,3 +82,13 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
 
         engine = CudaGraphEngine(engine)
     return engine
+
+
+def _load_buckets(path: Path, device: str | torch.device | None, options: dict[str, Any]) -> BaseEngine:
+    """A ``.buckets`` manifest: every static package it names (loaded with ``options``, ``cuda_graph`` included)
+    behind one :class:`toolkit.runtime.buckets.BucketEngine`, whose binder takes the binder options too."""
+    from .buckets import BucketEngine, read_manifest
+
+    meta = read_manifest(path)
+    engines = {b: load(p, backend=meta.get("inner_backend"), device=device, **options) for b, p in meta["buckets"].items()}
+    return BucketEngine(engines, **{k: options[k] for k in ("cast", "copy_to_device", "check_values") if k in options})

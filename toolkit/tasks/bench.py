@@ -27,10 +27,13 @@ from ..models.loading import load_model
 from ..runtime.base import BaseEngine
 from ..signature import INPUT_IMAGES, INPUT_SIZES
 from .bench_report import plot_bench
+from .timing import environment, percentile as _percentile, time_calls
 
-BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
+__all__ = ["BACKENDS", "JSON_KEYS", "BenchReport", "BenchRow", "bench", "binder_overhead_us", "environment", "time_calls"]
+
+BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt", "torch-compile", "aoti-static")
 JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
-             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check")
+             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check", "compile_s")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class BenchRow:
     first_call_s: float | None = None
     end_to_end: bool = False
     build_s: float | None = None
+    compile_s: float | None = None  # torch-compile: its compile at this batch size (the first call), apart from the timings
 
     @property
     def label(self) -> str:
@@ -70,68 +74,14 @@ class BenchReport:
                 "rows": [asdict(r) for r in self.rows], "profiles": self.profiles}
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def time_calls(call: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Milliseconds per call: CUDA events on the current stream (GPU) or wall-clock (CPU), after ``warmup`` calls."""
-    for _ in range(warmup):
-        call()
-    if device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    torch.cuda.synchronize(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        call()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import platform
-
-    from .. import __version__
-
-    env: dict[str, Any] = {"toolkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                           "device": str(device), "date": time.strftime("%Y-%m-%d")}
-    try:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(device))
-        env["cuda"] = torch.version.cuda
-        try:
-            import subprocess
-
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            pass
-    else:
-        env["cpu_threads"] = torch.get_num_threads()
-    return env
-
-
 class _Artifacts:
     """Builds (once, in ``workdir``) what each backend needs from the model (ONNX files, .pt2 packages, engines)
     and keeps the loaded engine of the configuration being measured, so each package is loaded once per run."""
 
     def __init__(self, model: Any, workdir: Path, device: torch.device, max_batch: int,
-                 aoti_configs: dict[str, Any] | None = None) -> None:
+                 aoti_configs: dict[str, Any] | None = None, buckets: Sequence[int] | None = None) -> None:
         self.model, self.workdir, self.device, self.max_batch = model, workdir, device, max_batch
+        self.buckets = tuple(sorted(set(buckets or (max_batch,))))  # aoti-static: one static package per size
         self.aoti_configs = dict(aoti_configs or {})
         self._onnx: dict[str, Path] = {}
         self._engines: dict[tuple[str, str, bool], BaseEngine] = {}
@@ -148,19 +98,27 @@ class _Artifacts:
 
     def artifact(self, backend: str, precision: str) -> Any:
         """The file ``backend`` loads (built on first use: export, AOTI compile, engine build), or the model."""
-        if backend == "torch":
+        if backend in ("torch", "torch-compile"):  # torch-compile compiles at its first call per shape (compile_s)
             return self.model
         if backend == "onnxruntime":
             return self.onnx(precision)
+        tag = "".join(f".{k}={v}" for k, v in sorted(self.aoti_configs.items()))  # other options, another package
         if backend == "aoti":
             from ..builders.aoti import build_aoti
 
-            tag = "".join(f".{k}={v}" for k, v in sorted(self.aoti_configs.items()))  # other options, another package
             path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}{tag}.pt2"
             if not path.exists():
                 build_aoti(copy.deepcopy(self.model).cpu(), path, precision=precision, device=self.device.type,
                            batch=(1, max(2, min(8, self.max_batch)), max(2, self.max_batch)), progress=False,
                            inductor_configs=self.aoti_configs)
+            return path
+        if backend == "aoti-static":  # static packages per batch size behind a manifest (toolkit.runtime.buckets)
+            from ..builders.buckets import build_buckets
+
+            path = self.workdir / f"{self.model.name}.{precision}.{self.device.type}{tag}.buckets"
+            if not path.exists():
+                build_buckets(copy.deepcopy(self.model).cpu(), path, self.buckets, precision=precision, device=self.device.type,
+                              progress=False, inductor_configs=self.aoti_configs)
             return path
         if backend == "tensorrt":
             from ..builders.build import build_engine
@@ -179,9 +137,10 @@ class _Artifacts:
         if key not in self._engines:
             source = self.artifact(backend, precision)
             options: dict[str, Any] = {"check_values": False, "cuda_graph": cuda_graph}
-            if backend == "torch":
+            if backend in ("torch", "torch-compile"):
                 source, options["precision"] = copy.deepcopy(source), precision
-            self._engines[key] = engine_mod.load(source, backend=backend, device=self.device, **options)
+            loader = "buckets" if backend == "aoti-static" else backend
+            self._engines[key] = engine_mod.load(source, backend=loader, device=self.device, **options)
         return self._engines[key]
 
     def release(self) -> None:
@@ -204,6 +163,8 @@ def _runnable(backend: str, device: torch.device, cuda_graph: bool) -> str | Non
             return "onnxruntime has no CUDAExecutionProvider (pip install 'rtdetr-deploy[gpu]')"
     if cuda_graph and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
+    if cuda_graph and backend == "torch-compile":
+        return "torch.compile(mode='reduce-overhead') captures its own CUDA graphs: see its row without +graph"
     return None
 
 
@@ -315,7 +276,7 @@ def bench(
     deploy = load_model(model, config=config, seed=0).eval()  # a config name: the same random weights every run
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rtdetr-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    artifacts = _Artifacts(deploy, work, dev, max(batches), aoti_configs)
+    artifacts = _Artifacts(deploy, work, dev, max(batches), aoti_configs, buckets=batches)
     checker = _Artifacts(load_model(check_model).eval(), work / "check", dev, 8, aoti_configs) if check_model is not None else None
     if checker is not None:
         checker.workdir.mkdir(exist_ok=True)
@@ -387,6 +348,7 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         row.first_call_s = time.perf_counter() - start
+        row.compile_s = getattr(engine, "compile_s", {}).get(tuple(feeds[INPUT_IMAGES].shape))
         times = time_calls(call, dev, warmup, iters)
         row.median_ms = statistics.median(times)
         row.p90_ms = _percentile(times, 0.90)
