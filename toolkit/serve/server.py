@@ -112,7 +112,6 @@ def server_env(work: Path, python_path: Sequence[str] | None = None) -> dict[str
     libdir = Path(sys.base_prefix) / "lib"  # a pyenv-built Python: its own libpython, not the system's
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), str(libdir), env.get("LD_LIBRARY_PATH", "")) if p)
     env.pop("PYTHONHOME", None)
-    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
