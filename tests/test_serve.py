@@ -257,8 +257,9 @@ def test_empty_outputs_are_an_error_never_a_result(served):
     with pytest.raises(EngineError, match="0 bytes instead of 800.*numpy >= 2"):
         check_response(InferResult(response), engine.signature, {"N": 1}, engine.url)
     response.raw_output_contents[0] = b"\0" * 800
-    response.raw_output_contents[1] = b"\0" * 1600  # the wrong size for [1,100,4] fp32
-    with pytest.raises(EngineError, match="boxes"):
+    response.raw_output_contents[1] = b"\0" * 1596  # 4 bytes short of [1,100,4] fp32
+    response.raw_output_contents[2] = b"\0" * 400
+    with pytest.raises(EngineError, match="boxes .*1596 bytes instead of 1600"):
         check_response(InferResult(response), engine.signature, {"N": 1}, engine.url)
 
 
