@@ -366,3 +366,20 @@ def _numpy_version_at(entry: str) -> int:
         return -1
     m = re.search(r"""^(?:__version__|version)\s*[:=].*?["'](\d+)\.""", init.read_text(), re.M)
     return int(m.group(1)) if m else -1
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_serve_on_gpus_one_instance_group_each(shapes_onnx):
+    """On a GPU host: a CUDA engine behind Triton, one KIND_GPU instance group per visible GPU, same detections."""
+    from toolkit.serve.server import free_port
+
+    gpus = list(range(torch.cuda.device_count()))
+    with toolkit.serve(str(shapes_onnx["int64"]), devices=gpus, http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), block=False, ready_timeout_s=READY_S) as server:
+        assert server.repository.config_text.count("KIND_GPU") == len(gpus)
+        report = toolkit.compare(shapes_onnx["int64"], server.grpc_url)
+        assert report.ok and sum(s.matched for s in report.images) > 0, report.summary()
+        out = toolkit.load(server.grpc_url, device="cuda").infer(_feeds(2))
+        assert out["boxes"].is_cuda and out["boxes"].shape == (2, 100, 4)
+    assert not _alive(server.pid)

@@ -10,6 +10,9 @@ Responses are never trusted: each output must be present, of the declared dataty
 inputs imply, and carry exactly ``numel * itemsize`` bytes. A python-backend stub running numpy >= 2 answers
 with shapes but *empty* contents and no error; that is an :class:`~toolkit.errors.EngineError` here.
 
+Devices: inputs may be on any device (they leave through host memory); outputs come back on the engine's
+``device`` (``load(url, device="cuda")``).
+
 Threads: one tritonclient client per thread (a shared HTTP client hangs under concurrent calls).
 """
 
@@ -28,7 +31,7 @@ from ... import dtypes
 from ...errors import EngineError, MissingDependencyError
 from ...signature import Signature, TensorSpec
 from ..base import BaseEngine
-from ..binding import BoundInputs, resolve_shape
+from ..binding import Binder, BoundInputs, resolve_shape
 
 # canonical dtype name <-> Triton's wire datatype (metadata, requests) and config enum (config.pbtxt)
 TRITON_DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int64": "INT64",
@@ -154,6 +157,9 @@ class TritonEngine(BaseEngine):
             raise EngineError(f"{self.url}: cannot read the model's metadata ({_message(e)})") from None
         signature, names = signature_from_server(metadata, config, self.url)
         super().__init__(signature, device, class_names=names, **options)
+        # inputs leave through host memory whatever their device: the binder checks them on the CPU side;
+        # ``device`` is where outputs are returned
+        self.binder = Binder(signature, "cpu", cast=self.binder.cast, copy_to_device=True, check_values=self.binder.check_values)
         self.path = str(self.url)
 
     def _client(self) -> Any:
