@@ -335,6 +335,7 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (/metrics)."),
     instances: int = typer.Option(1, help="Model instances per device."),
     devices: Optional[str] = typer.Option(None, help="GPU indices such as 0,1: one instance group per GPU."),
+    threads: Optional[int] = typer.Option(None, help="torch threads per CPU instance (default 1; scale with --instances)."),
     ready_timeout: float = typer.Option(120.0, help="Seconds to wait for the model to load."),
 ) -> None:
     """Serve a model on NVIDIA Triton Inference Server (dynamic batching, HTTP/gRPC, metrics) until SIGINT/SIGTERM."""
@@ -342,7 +343,7 @@ def serve(
 
     serve_model(model, backend=backend, device=device, name=name, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
                 host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, instances=instances,
-                devices=_devices(devices), ready_timeout_s=ready_timeout, say=lambda line: console.print(line, highlight=False))
+                devices=_devices(devices), threads=threads, ready_timeout_s=ready_timeout, say=lambda line: console.print(line, highlight=False))
 
 
 @app.command(name="export-triton")

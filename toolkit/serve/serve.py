@@ -91,12 +91,16 @@ def serve(model: Any, *, backend: str | None = None, device: str | None = None, 
           max_batch: int = 32, max_queue_delay_us: int = 1000, host: str = "127.0.0.1", http_port: int = 8000,
           grpc_port: int = 8001, metrics_port: int = 8002, instances: int = 1, devices: Sequence[int] | None = None,
           block: bool = True, ready_timeout_s: float = READY_TIMEOUT_S, exit_timeout_s: int = 30,
-          python_path: Sequence[str] | None = None, say: Callable[[str], None] = print) -> Server:
+          threads: int | None = None, python_path: Sequence[str] | None = None,
+          say: Callable[[str], None] = print) -> Server:
     """Serve ``model`` (a file, checkpoint or config name ``toolkit.load`` takes) on Triton; dynamic batching on.
 
     ``devices``: GPU indices, one instance group (of ``instances`` instances) per GPU; without them the
     model runs on ``device`` (CPU by default). ``block=True`` (the CLI) serves until SIGINT/SIGTERM, then
     stops gracefully; ``block=False`` returns the running :class:`Server` (stop it, or use ``with``).
+    ``threads``: torch threads per CPU instance (default 1: Triton scales CPU serving with ``instances``;
+    several multi-threaded instances on the same cores spin against each other: measured on a loaded 2-core
+    machine, batch-1 latency was 0.68 s with one thread and 12.6 s with two).
     ``python_path``: the ``sys.path`` Triton's python stub gets (default: this process's).
     """
     import tempfile
@@ -110,7 +114,8 @@ def serve(model: Any, *, backend: str | None = None, device: str | None = None, 
         say(f"loading {model} to write its Triton model repository")
         repo = export_triton(model, Path(work.name) / "models", backend="python", name=name, max_batch=max_batch,
                              max_queue_delay_us=max_queue_delay_us, instances=instances, devices=gpus,
-                             engine_backend=backend, device=record_device, ship_model=False)
+                             engine_backend=backend, device=record_device, ship_model=False,
+                             parameters={"torch_threads": str(threads or (0 if gpus else 1))})
         ports = Ports(http_port, grpc_port, metrics_port)
         process = start_tritonserver(repo.root, name, host=host, ports=ports, work=work, exit_timeout_s=exit_timeout_s,
                                      python_path=python_path)

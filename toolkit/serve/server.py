@@ -112,6 +112,7 @@ def server_env(work: Path, python_path: Sequence[str] | None = None) -> dict[str
     libdir = Path(sys.base_prefix) / "lib"  # a pyenv-built Python: its own libpython, not the system's
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), str(libdir), env.get("LD_LIBRARY_PATH", "")) if p)
     env.pop("PYTHONHOME", None)
+    env.setdefault("OMP_NUM_THREADS", "1")  # see toolkit.serve.serve: CPU instances are single-threaded unless asked
     return env
 
 
@@ -217,10 +218,12 @@ class TritonProcess:
 
 def start_tritonserver(repository: Path, model: str, *, host: str = "127.0.0.1", ports: Ports | None = None,
                        work: Any = None, exit_timeout_s: int = 30, log_verbose: int = 0,
-                       python_path: Sequence[str] | None = None) -> TritonProcess:
+                       python_path: Sequence[str] | None = None, stub_timeout_s: float = 300) -> TritonProcess:
     """Start ``tritonserver`` on ``repository`` (its metrics endpoint on); returns at once, see ``wait_ready``.
 
-    ``python_path``: the stub's ``sys.path`` (default: this process's).
+    ``python_path``: the stub's ``sys.path`` (default: this process's). ``stub_timeout_s``: how long a python
+    stub may take to start and import the toolkit, torch and the engine's library (Triton's default, 30 s, is
+    short on a busy machine).
     """
     ports = ports or Ports()
     for what, port in (("http", ports.http), ("grpc", ports.grpc), ("metrics", ports.metrics)):
@@ -233,7 +236,7 @@ def start_tritonserver(repository: Path, model: str, *, host: str = "127.0.0.1",
            f"--backend-directory={backend_directory(base)}", f"--cache-directory={dist / 'caches'}",
            f"--http-address={host}", f"--http-port={ports.http}", f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
            "--allow-metrics=true", f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
-           "--allow-gpu-metrics=false", "--model-control-mode=none", "--strict-readiness=true",
+           "--allow-gpu-metrics=false", f"--backend-config=python,stub-timeout-seconds={int(stub_timeout_s)}", "--model-control-mode=none", "--strict-readiness=true",
            f"--exit-timeout-secs={exit_timeout_s}", f"--log-verbose={log_verbose}", "--log-info=true"]
     log = open(log_path, "wb")
     try:
