@@ -197,6 +197,7 @@ def test_raw_client_mismatches_are_refused_by_the_server(served):
         send(np.repeat(images, 9, 0), np.array([[320, 240]] * 9, dtype=np.int32), "INT32")
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_merged_by_the_dynamic_batcher(served):
     engine = toolkit.load(_url(served, "m64"))
     want = engine.infer(_feeds(1, seed=5))
@@ -228,6 +229,7 @@ def test_concurrent_requests_are_merged_by_the_dynamic_batcher(served):
     assert inferences == 64 and executions < inferences  # the batcher merged requests
 
 
+@pytest.mark.slow
 def test_run_cli_on_a_served_model(served, shapes_onnx, tmp_path):
     from toolkit.checks.sides import synthetic_images
     from toolkit.tasks.run import infer_images
