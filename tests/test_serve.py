@@ -129,6 +129,20 @@ def test_tensorrt_repository_from_an_engine_and_its_sidecar(shapes_onnx, tmp_pat
         toolkit.export_triton(shapes_onnx["int32"], tmp_path / "repo2", backend="tensorrt")
 
 
+def test_export_triton_cli_writes_or_refuses_in_one_line(shapes_onnx, tmp_path):
+    cli = [sys.executable, "-m", "toolkit.cli", "export-triton"]
+    ok = subprocess.run(cli + [str(shapes_onnx["int32"]), "-o", str(tmp_path), "--backend", "python", "--name", "m"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "m" / "1" / "model.py").is_file() and (tmp_path / "m" / "1" / shapes_onnx["int32"].name).is_file()
+    assert "TYPE_INT32" in (tmp_path / "m" / "config.pbtxt").read_text()
+    for args, message in ((["missing.onnx", "--backend", "onnxruntime"], "missing.onnx: no such file"),
+                          ([str(shapes_onnx["int32"]), "--backend", "foo"], "unknown --backend 'foo'"),
+                          ([str(shapes_onnx["int32"]), "--devices", "0,x"], "--devices takes GPU indices")):
+        bad = subprocess.run(cli + args + ["-o", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 # --- a real server ------------------------------------------------------------------------------------------------
 
 

@@ -98,6 +98,8 @@ def export_triton(model: Any, output: str | Path, *, backend: str = "python", na
     """
     if backend not in PLATFORMS:
         raise InputError(f"unknown --backend {backend!r}; choose {', '.join(PLATFORMS)}")
+    if Path(str(model)).suffix.lower() in (".onnx", ".engine", ".plan", ".pt2", ".ep") and not Path(str(model)).is_file():
+        raise InputError(f"{model}: no such file")
     root = Path(output)
     if root.exists() and not root.is_dir():
         raise InputError(f"output {root} exists and is not a directory")
