@@ -307,7 +307,7 @@ def test_serve_cli_answers_in_flight_requests_on_sigterm(shapes_onnx, tmp_path):
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(shapes_onnx["int64"]), "--name", "shapes",
                                  "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                                 "--max-queue-delay-us", "100000"], stdout=f, stderr=subprocess.STDOUT)
+                                 "--max-batch", "4"], stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + READY_S
         while "metrics http" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -324,21 +324,28 @@ def test_serve_cli_answers_in_flight_requests_on_sigterm(shapes_onnx, tmp_path):
 
         def request(seed: int) -> None:
             try:
-                out = engine.infer(_feeds(1, seed=seed))
+                out = engine.infer(_feeds(4, seed=seed))
                 done.append((time.monotonic(), out["boxes"].shape))
             except Exception as e:
                 done.append((time.monotonic(), e))
 
+        def pending() -> int:  # Triton's gauge of requests queued for execution (the executing one not counted)
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=5) as r:
+                m = re.search(r'^nv_inference_pending_request_count\{model="shapes".*?\}\s+(\d+)', r.read().decode(), re.M)
+            return int(m.group(1)) if m else 0
+
         threads = [threading.Thread(target=request, args=(k,)) for k in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.6)  # every request is at the server: the batcher holds the first ones up to 100 ms, then runs
-        signalled = time.monotonic()
+        deadline = time.monotonic() + 60
+        while pending() + len(done) < 5 and time.monotonic() < deadline:  # max batch 4: one executes, the rest queue
+            time.sleep(0.02)
+        held = pending()
         os.kill(proc.pid, signal.SIGTERM)
         for t in threads:
             t.join(120)
-        assert [r for _, r in done] == [torch.Size([1, 100, 4])] * 6  # every in-flight request answered
-        assert max(t for t, _ in done) > signalled  # and some were answered after the signal
+        assert held > 0, "no request was in flight when SIGTERM was sent"
+        assert [r for _, r in done] == [torch.Size([4, 100, 4])] * 6  # every in-flight request answered
         assert proc.wait(120) == 0
         assert "tritonserver stopped (exit code 0)" in log.read_text()
         assert not _alive(server_pid)
