@@ -40,8 +40,7 @@ def shapes_onnx(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("serve-onnx")
     out = {}
     for dtype in ("int64", "int32"):
-        out[dtype] = d / f"shapes_{dtype}.onnx"
-        export_onnx(str(FIXTURE), out[dtype], sizes_dtype=dtype, verify=False)
+        export_onnx(str(FIXTURE), out.setdefault(dtype, d / f"shapes_{dtype}.onnx"), sizes_dtype=dtype, verify=False)
     return out
 
 
@@ -66,16 +65,12 @@ def served(shapes_onnx, tmp_path_factory):
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/status").is_file() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    status = Path(f"/proc/{pid}/status")  # a zombie has exited: it is only waiting to be reaped
+    return status.is_file() and "zombie" not in status.read_text()
 
 
 def _url(server, model: str, scheme: str = "grpc") -> str:
-    port = server.ports.grpc if scheme == "grpc" else server.ports.http
-    return f"{scheme}://127.0.0.1:{port}/{model}"
+    return f"{scheme}://127.0.0.1:{server.ports.grpc if scheme == 'grpc' else server.ports.http}/{model}"
 
 
 def _feeds(n: int = 2, sizes_dtype=torch.int64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -230,10 +225,8 @@ def test_concurrent_requests_are_merged_by_the_dynamic_batcher(served):
                     errors.append(repr(e))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
+    [t.start() for t in threads]
+    [t.join(240) for t in threads]
     assert not errors and len(results) == 64
     assert all(torch.equal(r["labels"], want["labels"]) and torch.allclose(r["boxes"], want["boxes"], atol=1e-4) for r in results)
     deadline = time.monotonic() + 10  # Triton updates its statistics just after it answers
@@ -315,10 +308,8 @@ def test_serve_cli_answers_in_flight_requests_on_sigterm(shapes_onnx, tmp_path):
         text = log.read_text()
         assert f"grpc://127.0.0.1:{ports[1]}/shapes" in text and f"http://127.0.0.1:{ports[2]}/metrics" in text, text
         server_pid = int(re.search(r"tritonserver \(pid (\d+)\)", text).group(1))
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5) as r:
-            assert r.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=5) as r:
-            assert "nv_inference_count" in r.read().decode()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5).status == 200
+        assert "nv_inference_count" in urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=5).read().decode()
         engine = toolkit.load(f"grpc://127.0.0.1:{ports[1]}/shapes")
         done: list[tuple[float, object]] = []
 
@@ -335,15 +326,13 @@ def test_serve_cli_answers_in_flight_requests_on_sigterm(shapes_onnx, tmp_path):
             return int(m.group(1)) if m else 0
 
         threads = [threading.Thread(target=request, args=(k,)) for k in range(6)]
-        for t in threads:
-            t.start()
+        [t.start() for t in threads]
         deadline = time.monotonic() + 60
         while pending() + len(done) < 5 and time.monotonic() < deadline:  # max batch 4: one executes, the rest queue
             time.sleep(0.02)
         held = pending()
         os.kill(proc.pid, signal.SIGTERM)
-        for t in threads:
-            t.join(120)
+        [t.join(120) for t in threads]
         assert held > 0, "no request was in flight when SIGTERM was sent"
         assert [r for _, r in done] == [torch.Size([4, 100, 4])] * 6  # every in-flight request answered
         assert proc.wait(120) == 0
