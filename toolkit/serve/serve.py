@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InputError
 from .repository import Repository, export_triton, model_name
-from .server import READY_TIMEOUT_S, Ports, TritonProcess, start_tritonserver
+from .server import READY_TIMEOUT_S, Ports, TritonProcess, check_port_free, start_tritonserver
 
 
 @dataclass
@@ -109,6 +109,8 @@ def serve(model: Any, *, backend: str | None = None, device: str | None = None, 
         raise InputError("serve takes a file, checkpoint directory or config name: the server loads the model in its own process")
     record_device, gpus = _instance_devices(device, devices)
     name = name or model_name(model)
+    for what, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
+        check_port_free(host, port, what)  # before the model is loaded: a busy port is refused at once
     work = tempfile.TemporaryDirectory(prefix="rtdetr-serve-")
     try:
         say(f"loading {model} to write its Triton model repository")
