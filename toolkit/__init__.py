@@ -23,11 +23,14 @@ _EXPORTS = {
     "load": "runtime.engine", "Engine": "runtime.base",
     "compare": "checks.compare", "CompareReport": "checks.report",
     "quantize": "tasks.quantize",
+    "export_triton": "serve.repository",
 }
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__", "serve"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "serve":  # the package itself is callable: toolkit.serve(model, ...)
+        return import_module(".serve", __name__)
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'toolkit' has no attribute {name!r}")

@@ -19,7 +19,8 @@ from .base import BaseEngine
 
 # backend name -> module in toolkit.runtime.backends exposing ``load(source, device, **options) -> Engine``
 BACKENDS = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "aoti": "aoti",
-            "torch-tensorrt": "torch_tensorrt", "torch-compile": "torch_compile"}
+            "torch-tensorrt": "torch_tensorrt", "torch-compile": "torch_compile",
+            "triton": "triton"}
 _SUFFIXES = {".buckets": "buckets", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt2": "aoti", ".ep": "torch-tensorrt"}
 
 
@@ -27,6 +28,8 @@ def detect_backend(source: Any) -> str:
     """The backend for a file (by suffix), a module, a checkpoint or a config name."""
     if isinstance(source, torch.nn.Module):
         return "torch"
+    if isinstance(source, str) and source.split("://", 1)[0].lower() in ("grpc", "http") and "://" in source:
+        return "triton"  # a model served by Triton Inference Server
     suffix = Path(str(source)).suffix.lower()
     if suffix in _SUFFIXES:
         return _SUFFIXES[suffix]
@@ -53,7 +56,8 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
 
     ``source``: ``.onnx`` (ONNX Runtime), ``.engine``/``.plan`` (TensorRT), ``.pt2`` (AOTInductor), ``.ep`` (Torch-TensorRT),
     ``.buckets`` (static packages per batch size: :mod:`toolkit.runtime.buckets`), an ``nn.Module``, checkpoint or
-    config name (eager torch; ``backend="torch-compile"`` compiles it with ``torch.compile``). ``options`` go to the backend and the binder
+    config name (eager torch; ``backend="torch-compile"`` compiles it with ``torch.compile``), ``grpc://host:8001/MODEL`` or
+    ``http://host:8000/MODEL`` (a model served by Triton: its signature comes from the server's metadata). ``options`` go to the backend and the binder
     (``cast``, ``copy_to_device``, ``check_values``; ``config`` for a weights file). ``cuda_graph=True``
     replays a CUDA graph per input shape (ONNX Runtime's own graphs, :class:`toolkit.runtime.cudagraph.CudaGraphEngine`
     for the others). A file the toolkit wrote is first checked against its recorded size and sha256
@@ -63,7 +67,10 @@ def load(source: Any, backend: str | None = None, device: str | torch.device | N
     backend = backend or detect_backend(source)
     if backend not in BACKENDS and backend != "buckets":
         raise EngineError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
-    if not isinstance(source, torch.nn.Module) and isinstance(source, (str, Path)):
+    if backend == "triton" or detect_backend(source) == "triton":
+        if backend != "triton" or detect_backend(source) != "triton":
+            raise EngineError(f"{source}: the triton backend takes a grpc:// or http:// URL, and a URL needs the triton backend")
+    elif not isinstance(source, torch.nn.Module) and isinstance(source, (str, Path)):
         p = Path(source)
         if p.suffix.lower() in _SUFFIXES and not p.exists():
             raise EngineError(f"{p}: no such file")

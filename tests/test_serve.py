@@ -1,0 +1,397 @@
+"""Serving on a real Triton Inference Server (the ``tritonserver`` inside nvidia-pytriton) on 127.0.0.1.
+
+Every server is started on free ports inside the test, waited for with a bound, and stopped by its process
+id; request loops are bounded. The reference is the local ONNX Runtime engine on the same file, and Triton's
+own metadata, statistics and error answers (read with a raw tritonclient, not the toolkit's client).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import toolkit
+from toolkit.errors import BindingError, EngineError, InputError
+
+_missing = [m for m in ("pytriton", "tritonclient") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(_missing), reason=f"serving tests need {', '.join(_missing)}: pip install 'rtdetr-deploy[serve]'")
+
+FIXTURE = Path(toolkit.__file__).parent / "fixtures" / "shapes"
+READY_S = 180
+
+
+@pytest.fixture(scope="module")
+def shapes_onnx(tmp_path_factory) -> dict[str, Path]:
+    """The trained fixture exported twice: int64 sizes (official) and int32 sizes."""
+    from toolkit.export.onnx import export_onnx
+
+    d = tmp_path_factory.mktemp("serve-onnx")
+    out = {}
+    for dtype in ("int64", "int32"):
+        export_onnx(str(FIXTURE), out.setdefault(dtype, d / f"shapes_{dtype}.onnx"), sizes_dtype=dtype, verify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(shapes_onnx, tmp_path_factory):
+    """One tritonserver on a python-backend repository (export-triton) holding m64 and m32; stopped by pid."""
+    from toolkit.serve.repository import export_triton
+    from toolkit.serve.server import Ports, free_port, start_tritonserver
+
+    root = tmp_path_factory.mktemp("serve-repo")
+    export_triton(shapes_onnx["int64"], root, backend="python", name="m64", max_batch=8, max_queue_delay_us=20000)
+    export_triton(shapes_onnx["int32"], root, backend="python", name="m32", max_batch=8, max_queue_delay_us=20000)
+    server = start_tritonserver(root, "m64", ports=Ports(free_port(), free_port(), free_port()))
+    try:
+        server.wait_ready(READY_S)
+        server.model = "m32"
+        server.wait_ready(READY_S)
+        yield server
+    finally:
+        server.stop()  # SIGTERM to its pid, then wait
+        assert not _alive(server.pid)
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")  # a zombie has exited: it is only waiting to be reaped
+    return status.is_file() and "zombie" not in status.read_text()
+
+
+def _url(server, model: str, scheme: str = "grpc") -> str:
+    return f"{scheme}://127.0.0.1:{server.ports.grpc if scheme == 'grpc' else server.ports.http}/{model}"
+
+
+def _feeds(n: int = 2, sizes_dtype=torch.int64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"images": torch.rand(n, 3, 320, 320, generator=g), "orig_target_sizes": torch.tensor([[320, 240]] * n, dtype=sizes_dtype)}
+
+
+def _counts(server, model: str) -> tuple[int, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.http}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+# --- the repository, structurally (Triton's own protobuf definitions) -----------------------------------------
+
+
+@pytest.mark.parametrize("dtype,want", [("int64", "TYPE_INT64"), ("int32", "TYPE_INT32")])
+def test_config_declares_the_artifacts_dtypes(shapes_onnx, tmp_path, dtype, want):
+    from tritonclient.grpc import model_config_pb2
+
+    from toolkit.serve.config import parse
+    from toolkit.signature import from_onnx
+
+    repo = toolkit.export_triton(shapes_onnx[dtype], tmp_path, backend="onnxruntime", max_batch=16, devices=[0, 1], instances=2)
+    cfg = parse((repo.model_dir / "config.pbtxt").read_text())
+    assert (repo.model_dir / "1" / "model.onnx").is_file()
+    assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
+    sig = from_onnx(shapes_onnx[dtype])
+    types = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in list(cfg.input) + list(cfg.output)}
+    assert types["orig_target_sizes"] == want == "TYPE_" + {"int64": "INT64", "int32": "INT32"}[sig.input("orig_target_sizes").dtype]
+    assert types["labels"] == "TYPE_INT64" and types["images"] == "TYPE_FP32"
+    assert [list(t.dims) for t in cfg.input] == [list(s.shape[1:]) for s in sig.inputs]  # dims without the batch
+    assert [(g.kind, list(g.gpus), g.count) for g in cfg.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_GPU, [0], 2),
+                                                                             (model_config_pb2.ModelInstanceGroup.KIND_GPU, [1], 2)]
+
+
+def test_tensorrt_repository_from_an_engine_and_its_sidecar(shapes_onnx, tmp_path):
+    """TensorRT is not installable here: the repository is checked structurally (plan file, INT32 as built)."""
+    from toolkit.serve.config import parse
+    from toolkit.signature import from_onnx
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan bytes")
+    sig = from_onnx(shapes_onnx["int32"]).with_bounds(N=(1, 4))
+    (tmp_path / "m.engine.json").write_text(json.dumps({"signature": sig.to_dict(), "class_names": ["a", "b"]}))
+    repo = toolkit.export_triton(engine, tmp_path / "repo", backend="tensorrt", max_batch=32)
+    cfg = parse((repo.model_dir / "config.pbtxt").read_text())
+    assert cfg.platform == "tensorrt_plan" and (repo.model_dir / "1" / "model.plan").read_bytes() == b"plan bytes"
+    assert cfg.max_batch_size == 4  # the engine's profile caps the request
+    with pytest.raises(InputError, match="built engine"):
+        toolkit.export_triton(shapes_onnx["int32"], tmp_path / "repo2", backend="tensorrt")
+
+
+def test_export_triton_cli_writes_or_refuses_in_one_line(shapes_onnx, tmp_path):
+    cli = [sys.executable, "-m", "toolkit.cli", "export-triton"]
+    ok = subprocess.run(cli + [str(shapes_onnx["int32"]), "-o", str(tmp_path), "--backend", "python", "--name", "m"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "m" / "1" / "model.py").is_file() and (tmp_path / "m" / "1" / shapes_onnx["int32"].name).is_file()
+    assert "TYPE_INT32" in (tmp_path / "m" / "config.pbtxt").read_text()
+    for args, message in ((["missing.onnx", "--backend", "onnxruntime"], "missing.onnx: no such file"),
+                          ([str(shapes_onnx["int32"]), "--backend", "foo"], "unknown --backend 'foo'"),
+                          ([str(shapes_onnx["int32"]), "--devices", "0,x"], "--devices takes GPU indices")):
+        bad = subprocess.run(cli + args + ["-o", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+# --- a real server ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model,dtype", [("m64", "INT64"), ("m32", "INT32")])
+def test_metadata_publishes_exact_datatypes_and_batch_dims(served, model, dtype):
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.ports.http}/v2/models/{model}", timeout=10) as r:
+        meta = json.loads(r.read())
+    by_name = {t["name"]: t for t in meta["inputs"] + meta["outputs"]}
+    assert by_name["orig_target_sizes"] == {"name": "orig_target_sizes", "datatype": dtype, "shape": [-1, 2]}
+    assert by_name["images"]["shape"] == [-1, 3, 320, 320] and by_name["labels"]["datatype"] == "INT64"
+    engine = toolkit.load(_url(served, model, "http"))
+    assert engine.signature.input("orig_target_sizes").dtype == dtype.lower()
+    assert engine.signature.bounds("N") == (1, 8) and engine.class_names == ["circle", "square", "triangle", "star"]
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "http"])
+def test_served_outputs_equal_local_onnxruntime(served, shapes_onnx, scheme):
+    report = toolkit.compare(shapes_onnx["int32"], _url(served, "m32", scheme))
+    assert report.ok and report.verdict == "agree", report.summary()
+    assert sum(s.matched for s in report.images) > 0 and all(s.a_count == s.b_count == s.matched for s in report.images)
+    local = toolkit.load(shapes_onnx["int32"], device="cpu").infer(_feeds(3, torch.int32))
+    remote = toolkit.load(_url(served, "m32", scheme)).infer(_feeds(3, torch.int32))
+    for name in ("labels", "boxes", "scores"):
+        assert remote[name].dtype == local[name].dtype and remote[name].shape == local[name].shape
+    assert torch.equal(remote["labels"], local["labels"]) and torch.allclose(remote["boxes"], local["boxes"], atol=1e-3)
+
+
+def test_binder_converts_or_refuses_before_sending(served):
+    engine = toolkit.load(_url(served, "m32"))
+    before = _counts(served, "m32")
+    converted = engine.infer(_feeds(1, torch.int64))  # int64 sizes for a TYPE_INT32 model: narrowed after a value check
+    same = engine.infer(_feeds(1, torch.int32))
+    assert torch.equal(converted["labels"], same["labels"]) and torch.equal(converted["boxes"], same["boxes"])
+    with pytest.raises(BindingError, match="do not fit int32"):
+        engine.infer({**_feeds(1), "orig_target_sizes": torch.tensor([[2**40, 5]])})
+    with pytest.raises(BindingError, match="outside the engine's range"):
+        engine.infer(_feeds(9))  # max_batch 8
+    with pytest.raises(BindingError, match="0-255"):
+        engine.infer({**_feeds(1), "images": torch.rand(1, 3, 320, 320) * 255})
+    time.sleep(0.5)  # Triton updates its statistics just after it answers
+    assert _counts(served, "m32")[0] == before[0] + 2  # the refused requests never reached the server
+
+
+def test_raw_client_mismatches_are_refused_by_the_server(served):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.ports.grpc}")
+
+    def send(images, sizes, datatype):
+        a = grpcclient.InferInput("images", list(images.shape), "FP32")
+        a.set_data_from_numpy(images)
+        b = grpcclient.InferInput("orig_target_sizes", list(sizes.shape), datatype)
+        b.set_data_from_numpy(sizes)
+        return client.infer("m32", [a, b])
+
+    images = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+    ok = send(images, np.array([[320, 240]], dtype=np.int32), "INT32")
+    assert ok.as_numpy("boxes").shape == (1, 100, 4)
+    with pytest.raises(InferenceServerException, match="(?i)INT64|data.?type"):
+        send(images, np.array([[320, 240]], dtype=np.int64), "INT64")  # the seed's bug, sent raw: refused by Triton
+    with pytest.raises(InferenceServerException, match="0-255"):
+        send(images * 255, np.array([[320, 240]], dtype=np.int32), "INT32")  # re-checked by the model's binder
+    with pytest.raises(InferenceServerException, match="(?i)batch"):
+        send(np.repeat(images, 9, 0), np.array([[320, 240]] * 9, dtype=np.int32), "INT32")
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_merged_by_the_dynamic_batcher(served):
+    engine = toolkit.load(_url(served, "m64"))
+    want = engine.infer(_feeds(1, seed=5))
+    before = _counts(served, "m64")
+    results, errors = [], []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for _ in range(8):
+            try:
+                out = engine.infer(_feeds(1, seed=5))
+                with lock:
+                    results.append(out)
+            except Exception as e:  # counted, and the assertion below names it
+                with lock:
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    [t.start() for t in threads]
+    [t.join(240) for t in threads]
+    assert not errors and len(results) == 64
+    assert all(torch.equal(r["labels"], want["labels"]) and torch.allclose(r["boxes"], want["boxes"], atol=1e-4) for r in results)
+    deadline = time.monotonic() + 10  # Triton updates its statistics just after it answers
+    while _counts(served, "m64")[0] - before[0] < 64 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    inferences, executions = (a - b for a, b in zip(_counts(served, "m64"), before))
+    assert inferences == 64 and executions < inferences  # the batcher merged requests
+
+
+@pytest.mark.slow
+def test_run_cli_on_a_served_model(served, shapes_onnx, tmp_path):
+    from toolkit.checks.sides import synthetic_images
+    from toolkit.tasks.run import infer_images
+
+    images = synthetic_images(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "run", _url(served, "m64"), str(tmp_path), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((tmp_path / "out" / "detections.json").read_text())
+    local = toolkit.load(shapes_onnx["int64"], device="cpu")  # the same file in local ONNX Runtime
+    expected = sum(len(d.above(0.3).scores) for d in infer_images(local, images))
+    assert len(records) == expected > 0
+
+
+def test_empty_outputs_are_an_error_never_a_result(served):
+    """What a numpy >= 2 stub answers (shapes, no bytes), as a real gRPC response message."""
+    from tritonclient.grpc import InferResult, service_pb2
+
+    from toolkit.runtime.backends.triton import check_response
+
+    engine = toolkit.load(_url(served, "m64"))
+    response = service_pb2.ModelInferResponse(model_name="m64", model_version="1")
+    for spec, shape in zip(engine.signature.outputs, ([1, 100], [1, 100, 4], [1, 100])):
+        out = response.outputs.add(name=spec.name, datatype={"int64": "INT64", "float32": "FP32"}[spec.dtype])
+        out.shape.extend(shape)
+        response.raw_output_contents.append(b"")
+    with pytest.raises(EngineError, match="0 bytes instead of 800.*numpy >= 2"):
+        check_response(InferResult(response), engine.signature, {"N": 1}, engine.url)
+    response.raw_output_contents[0] = b"\0" * 800
+    response.raw_output_contents[1] = b"\0" * 1596  # 4 bytes short of [1,100,4] fp32
+    response.raw_output_contents[2] = b"\0" * 400
+    with pytest.raises(EngineError, match="boxes .*1596 bytes instead of 1600"):
+        check_response(InferResult(response), engine.signature, {"N": 1}, engine.url)
+
+
+def test_unreachable_server_and_busy_port_are_clear_errors(served):
+    from toolkit.serve.server import free_port
+
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=rf"grpc://127.0.0.1:{port}/m64: not reachable or not ready after 1 s"):
+        toolkit.load(f"grpc://127.0.0.1:{port}/m64", timeout_s=1)
+    assert time.monotonic() - t0 < 15
+    with pytest.raises(EngineError, match="not ready"):
+        toolkit.load(_url(served, "nosuchmodel"), timeout_s=1)
+    with pytest.raises(InputError, match=f"grpc port {served.ports.grpc} on 127.0.0.1 is in use"):
+        toolkit.serve(str(FIXTURE), http_port=free_port(), grpc_port=served.ports.grpc, metrics_port=free_port(), block=False)
+    with pytest.raises(EngineError, match="grpc://HOST:PORT/MODEL"):
+        toolkit.load("grpc://127.0.0.1:8001/")
+
+
+# --- the CLI server: readiness, in-flight requests at SIGTERM, nothing left behind ----------------------------------
+
+
+@pytest.mark.slow
+def test_serve_cli_answers_in_flight_requests_on_sigterm(shapes_onnx, tmp_path):
+    from toolkit.serve.server import free_port
+
+    ports = [free_port() for _ in range(3)]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(shapes_onnx["int64"]), "--name", "shapes",
+                                 "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                                 "--max-batch", "4"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + READY_S
+        while "metrics http" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text = log.read_text()
+        assert f"grpc://127.0.0.1:{ports[1]}/shapes" in text and f"http://127.0.0.1:{ports[2]}/metrics" in text, text
+        server_pid = int(re.search(r"tritonserver \(pid (\d+)\)", text).group(1))
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5).status == 200
+        assert "nv_inference_count" in urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=5).read().decode()
+        engine = toolkit.load(f"grpc://127.0.0.1:{ports[1]}/shapes")
+        done: list[tuple[float, object]] = []
+
+        def request(seed: int) -> None:
+            try:
+                out = engine.infer(_feeds(4, seed=seed))
+                done.append((time.monotonic(), out["boxes"].shape))
+            except Exception as e:
+                done.append((time.monotonic(), e))
+
+        def pending() -> int:  # Triton's gauge of requests queued for execution (the executing one not counted)
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=5) as r:
+                m = re.search(r'^nv_inference_pending_request_count\{model="shapes".*?\}\s+(\d+)', r.read().decode(), re.M)
+            return int(m.group(1)) if m else 0
+
+        threads = [threading.Thread(target=request, args=(k,)) for k in range(6)]
+        [t.start() for t in threads]
+        deadline = time.monotonic() + 60
+        while pending() + len(done) < 5 and time.monotonic() < deadline:  # max batch 4: one executes, the rest queue
+            time.sleep(0.02)
+        held = pending()
+        os.kill(proc.pid, signal.SIGTERM)
+        [t.join(120) for t in threads]
+        assert held > 0, "no request was in flight when SIGTERM was sent"
+        assert [r for _, r in done] == [torch.Size([4, 100, 4])] * 6  # every in-flight request answered
+        assert proc.wait(120) == 0
+        assert "tritonserver stopped (exit code 0)" in log.read_text()
+        assert not _alive(server_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.mark.slow
+def test_numpy2_stub_trap_is_refused_and_detected(shapes_onnx, tmp_path, monkeypatch):
+    """A stub whose numpy is >= 2: the model refuses to load; forced to load, its empty answers are an EngineError."""
+    from toolkit.serve.repository import export_triton
+    from toolkit.serve.server import Ports, free_port, start_tritonserver
+
+    path = [p for p in sys.path if p and (_numpy_version_at(p) == -1 or _numpy_version_at(p) >= 2)]  # numpy < 2 left out
+    if not any(_numpy_version_at(p) >= 2 for p in path):
+        pytest.skip("no numpy >= 2 installed anywhere on sys.path")
+    repo = export_triton(shapes_onnx["int64"], tmp_path, backend="python", name="trap")
+    with pytest.raises(EngineError, match="numpy 2.* empty outputs"):
+        server = start_tritonserver(repo.root, "trap", ports=Ports(free_port(), free_port(), free_port()), python_path=path)
+        try:
+            server.wait_ready(READY_S)
+        finally:
+            server.stop()
+    monkeypatch.setenv("RTDETR_DEPLOY_ALLOW_NUMPY2", "1")
+    server = start_tritonserver(repo.root, "trap", ports=Ports(free_port(), free_port(), free_port()), python_path=path)
+    try:
+        server.wait_ready(READY_S)
+        engine = toolkit.load(server.grpc_url)
+        with pytest.raises(EngineError, match="0 bytes instead of"):
+            engine.infer(_feeds(1))
+    finally:
+        server.stop()
+    assert not _alive(server.pid)
+
+
+def _numpy_version_at(entry: str) -> int:
+    init = Path(entry) / "numpy" / "version.py"
+    if not init.is_file():
+        return -1
+    m = re.search(r"""^(?:__version__|version)\s*[:=].*?["'](\d+)\.""", init.read_text(), re.M)
+    return int(m.group(1)) if m else -1
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_serve_on_gpus_one_instance_group_each(shapes_onnx):
+    """On a GPU host: a CUDA engine behind Triton, one KIND_GPU instance group per visible GPU, same detections."""
+    from toolkit.serve.server import free_port
+
+    gpus = list(range(torch.cuda.device_count()))
+    with toolkit.serve(str(shapes_onnx["int64"]), devices=gpus, http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), block=False, ready_timeout_s=READY_S) as server:
+        assert server.repository.config_text.count("KIND_GPU") == len(gpus)
+        report = toolkit.compare(shapes_onnx["int64"], server.grpc_url)
+        assert report.ok and sum(s.matched for s in report.images) > 0, report.summary()
+        out = toolkit.load(server.grpc_url, device="cuda").infer(_feeds(2))
+        assert out["boxes"].is_cuda and out["boxes"].shape == (2, 100, 4)
+    assert not _alive(server.pid)
