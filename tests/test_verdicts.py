@@ -212,6 +212,9 @@ def _fixed_batch_copy(src, dst):
     for out in model.graph.output:
         out.type.tensor_type.shape.dim[0].Clear()
         out.type.tensor_type.shape.dim[0].dim_value = 1
+    kept = [p for p in model.metadata_props if p.key != "rtdetr_deploy_integrity"]  # edited on purpose (README)
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     onnx.save(model, str(dst))
     return dst
 

@@ -174,7 +174,7 @@ def quantize_graph(
     info = QuantizeInfo(method, activations, scope, len(feeds), len(quantize), len(keep), list(exclude), prepared=prepare)
     info.fused = fused_ops(output)
     _copy_metadata(original, result, {"precision": "int8", "quantization": json.dumps(info.to_dict(), sort_keys=True)})
-    onnx.save(result, str(output))
+    _save_sealed(result, output)
     return info
 
 
@@ -201,12 +201,27 @@ def mark_metadata(path: str | Path, entries: Mapping[str, str]) -> None:
 
     model = onnx.load(str(path))
     _copy_metadata(model, model, entries)
+    _save_sealed(model, path)
+
+
+def _save_sealed(model: Any, path: str | Path) -> None:
+    """Save, then record the new file's own size and sha256 (the source's record would no longer fit it)."""
+    import onnx
+
+    from ..integrity import ONNX_KEY, seal_onnx
+
     onnx.save(model, str(path))
+    if any(p.key == ONNX_KEY for p in model.metadata_props):
+        seal_onnx(path)
 
 
 def _copy_metadata(src: Any, dst: Any, updates: Mapping[str, str]) -> None:
+    from ..integrity import ONNX_KEY, ONNX_PLACEHOLDER
+
     meta = {p.key: p.value for p in src.metadata_props}
     meta.update(updates)
+    if ONNX_KEY in meta:  # re-sealed by _save_sealed once the new bytes are on disk
+        meta[ONNX_KEY] = ONNX_PLACEHOLDER
     del dst.metadata_props[:]
     for k, v in meta.items():
         dst.metadata_props.add(key=k, value=v)
