@@ -317,7 +317,7 @@ def test_build_refuses_a_changed_onnx_and_rebuilds_a_damaged_cache_entry(tiny_on
 def test_build_backend_defaults(monkeypatch):
     import importlib.util
 
-    from toolkit import cli
+    from toolkit.cli import stages as cli
 
     assert cli._build_target(None, Path("m.pt2")) == ("aoti", Path("m.pt2"))
     assert cli._build_target(None, Path("m.engine")) == ("tensorrt", Path("m.engine"))

@@ -1,6 +1,6 @@
 """Serving on NVIDIA Triton Inference Server: ``toolkit.serve(model)``, ``export_triton``, and the served-model bench.
 
-Sits beside :mod:`toolkit.tasks` (it may import every stage: runtime, export, checks). ``serve`` writes a
+May import: every stage package (it sits after :mod:`toolkit.tasks`) and the top-level helpers. ``serve`` writes a
 python-backend model repository and runs Triton's own ``tritonserver`` on it; ``export_triton`` writes
 repositories for users' servers (onnxruntime, tensorrt, python); remote engines (``toolkit.load("grpc://...")``)
 live in :mod:`toolkit.runtime.backends.triton`. Needs the ``serve`` extra (nvidia-pytriton, tritonclient, numpy<2).
