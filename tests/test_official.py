@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,20 @@ from tests.conftest import run_cli
 from toolkit.errors import CheckpointError, ConfigError
 from toolkit.models.config import build_model, load_config
 from toolkit.models.loading import load_model
-from toolkit.models.official import OFFICIAL_CONFIGS, inference_parameter_count, infer_config, load_official_checkpoint, official_key, plan_load, remap_state_dict
+from toolkit.models.official import (
+    OFFICIAL_CONFIGS,
+    deployed_layers,
+    inference_parameter_count,
+    infer_config,
+    load_official_checkpoint,
+    official_key,
+    plan_load,
+    remap_state_dict,
+    trained_decoder_layers,
+)
 
 MANIFESTS = Path(__file__).parent / "data" / "official_manifests"
+MANIFEST_NAMES = sorted(p.stem for p in MANIFESTS.glob("*.json"))
 PUBLISHED_PARAMS_M = {"r18vd": 20, "r34vd": 31, "r50vd_m": 36, "r50vd": 42, "r101vd": 76}  # RT-DETR / RT-DETRv2 papers
 
 
@@ -74,29 +86,45 @@ def r18_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.T
 def test_config_parameter_count_matches_published(name):
     cfg = load_config(name)
     assert len(cfg.class_names) == 80 and tuple(cfg.input_size) == (640, 640)
+    cfg.hf_config["decoder_layers"] = trained_decoder_layers(cfg)  # published sizes count every trained decoder layer
     with torch.device("meta"):
         model = build_model(cfg).model
-    published = PUBLISHED_PARAMS_M[name.split("_", 1)[1]] * 1e6
+    backbone = name.split("_", 1)[1].removesuffix("_dsp").split("_sp")[0]
+    published = PUBLISHED_PARAMS_M[backbone] * 1e6
     count = inference_parameter_count(model)
     assert abs(count - published) / published < 0.02, f"{name}: {count / 1e6:.2f}M vs published {published / 1e6:.0f}M"
 
 
 # --- remap against the official manifests (meta tensors: no memory, no time) -------------------------------
 
-@pytest.mark.parametrize("name", OFFICIAL_CONFIGS)
-def test_manifest_remaps_onto_the_transformers_model(name):
+def _manifest_cases() -> list[tuple[str, str]]:
+    """(manifest, config): a _dsp model has the tensors of its bilinear twin, so both configs load that manifest."""
+    cases = [(m, m) for m in MANIFEST_NAMES]
+    return cases + [(c.removesuffix("_dsp"), c) for c in OFFICIAL_CONFIGS if c.endswith("_dsp")]
+
+
+@pytest.mark.parametrize(("name", "config"), _manifest_cases())
+def test_manifest_remaps_onto_the_transformers_model(name, config):
     state = meta_state(name)
-    assert infer_config(state) == name
+    yaml = load_config(config).official["yaml"]
+    assert infer_config(state, name=f"{yaml}.pth") == config  # the official file name decides bilinear vs discrete
+    cfg = load_config(config)
     with torch.device("meta"):
-        model = build_model(name).model
-    _, report = plan_load(model, state, name)
+        model = build_model(cfg).model
+    _, report = plan_load(model, state, config, deployed_layers(cfg))
     assert report.complete, report.summary()
     # only BatchNorm step counters of the frozen backbone and RT-DETRv2's precomputed anchors are left out
     assert all(k.endswith("num_batches_tracked") or k in ("decoder.anchors", "decoder.valid_mask") for k in report.ignored)
     assert report.loaded == len({id(t) for t in model.state_dict(keep_vars=True).values()})
-    # same parameters as the official model, except that transformers keeps every backbone norm frozen (buffers)
     tensors = manifest(name)["tensors"]
-    official = sum(math.prod(v["shape"]) for k, v in tensors.items() if v["parameter"] and not (k.startswith("backbone.") and ".norm." in k))
+    # _m: the decoder layers after the official eval_idx (layers 4-6) are dropped, each of their tensors listed once
+    kept_layers = deployed_layers(cfg) or trained_decoder_layers(cfg)
+    beyond = {k for k in tensors if (m := re.match(r"decoder\.(?:decoder\.layers|dec_score_head|dec_bbox_head)\.(\d+)\.", k)) and int(m[1]) >= kept_layers}
+    assert sorted(report.dropped) == sorted(beyond) and len(report.dropped) == len(set(report.dropped))
+    assert bool(beyond) == name.endswith("_m")
+    # same parameters as the official model, except that transformers keeps every backbone norm frozen (buffers)
+    official = sum(math.prod(v["shape"]) for k, v in tensors.items()
+                   if v["parameter"] and k not in beyond and not (k.startswith("backbone.") and ".norm." in k))
     assert sum(p.numel() for p in model.parameters()) == official
 
 
