@@ -155,7 +155,9 @@ def export_onnx(
             report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
             if not report.ok:
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
-    return ExportResult(output, signature, report, lint(onnx_model, signature), time.perf_counter() - start)
+    load_report = getattr(deploy, "load_report", None)  # an official checkpoint: decoder layers past eval_idx are dropped
+    dropped = [load_report.dropped_note()] if getattr(load_report, "dropped", None) else []
+    return ExportResult(output, signature, report, lint(onnx_model, signature) + dropped, time.perf_counter() - start)
 
 
 def _preprocess_dict(model: DeployModel) -> dict[str, Any]:
