@@ -246,3 +246,83 @@ def test_other_class_count_needs_allow_partial(r18_checkpoints):
                                                  *(f"model.decoder.class_embed.{i}.{p}" for i in range(3) for p in ("weight", "bias"))}
     loaded = model.model.state_dict()
     assert torch.equal(loaded["model.decoder.bbox_embed.2.layers.0.weight"], state["decoder.dec_bbox_head.2.layers.0.weight"])
+
+
+# --- zoo variants the weights cannot tell apart, or transformers cannot express --------------------------------
+
+def test_bilinear_or_discrete_is_inconclusive_unless_the_file_name_decides():
+    state = meta_state("rtdetrv2_r18vd")  # a _dsp checkpoint has exactly these tensors
+    for name in (None, "model_final.pth", "checkpoint0071.pth"):
+        with pytest.raises(ConfigError, match=r"inconclusive: .*\(rtdetrv2_r18vd, rtdetrv2_r18vd_dsp\)"):
+            infer_config(state, name=name)
+    assert infer_config(state, name="rtdetrv2_r18vd_dsp_3x_coco.pth") == "rtdetrv2_r18vd_dsp"
+    assert infer_config(state, name="/ckpts/rtdetrv2_r18vd_120e_coco_rerun_48.1.pth") == "rtdetrv2_r18vd"
+    assert infer_config(meta_state("rtdetrv2_r50vd_m"), name="rtdetrv2_r50vd_m_dsp_3x_coco.pth") == "rtdetrv2_r50vd_m_dsp"
+    assert infer_config(meta_state("rtdetr_r18vd")) == "rtdetr_r18vd"  # RT-DETR v1 has no discrete sampling: nothing to decide
+
+
+def test_inconclusive_checkpoint_on_the_cli(r18_checkpoints, tmp_path):
+    _, state = r18_checkpoints["rtdetrv2_r18vd"]
+    path = tmp_path / "checkpoint0071.pth"
+    torch.save({"ema": {"module": state}}, path)
+    with pytest.raises(ConfigError, match="inconclusive"):
+        load_model(path)
+    proc = run_cli("export", str(path), "-o", str(tmp_path / "m.onnx"), "--no-verify")
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "inconclusive" in proc.stdout + proc.stderr and "--config rtdetrv2_r18vd_dsp" in proc.stdout + proc.stderr
+
+
+def test_discrete_config_loads_the_same_tensors(r18_checkpoints):
+    _, state = r18_checkpoints["rtdetrv2_r18vd"]
+    model = load_official_checkpoint(state, config="rtdetrv2_r18vd_dsp")
+    assert model.load_report.complete and model.model.config.decoder_method == "discrete"
+
+
+@pytest.mark.parametrize("points", [1, 2, 3])
+def test_num_points_variants_are_inferred(points):
+    assert infer_config(meta_state(f"rtdetrv2_r18vd_sp{points}"), name=f"rtdetrv2_r18vd_sp{points}_120e_coco.pth") == f"rtdetrv2_r18vd_sp{points}"
+
+
+def test_num_points_mismatch_names_the_config():
+    state = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in meta_state("rtdetrv2_r18vd_sp1").items()}
+    for key in state:
+        if key.endswith("num_points_scale"):
+            state[key] = torch.ones(3)  # the official buffer of num_points [1, 1, 1]
+    with pytest.raises(ConfigError, match=r"1 point\(s\) per level .*use config rtdetrv2_r18vd_sp1"):
+        load_official_checkpoint(state, config="rtdetrv2_r18vd")
+    assert load_official_checkpoint(state, name="rtdetrv2_r18vd_sp1_120e_coco.pth").name == "rtdetrv2_r18vd_sp1"
+
+
+def test_points_that_differ_per_level_are_refused_with_the_fix():
+    # [6, 4, 2] has the tensor shapes of the standard [4, 4, 4]: only the stored scale buffer tells them apart
+    state = dict(meta_state("rtdetrv2_r18vd"))
+    scale = torch.tensor([1 / n for n in (6, 4, 2) for _ in range(n)])
+    state.update({k: scale for k in state if k.endswith("num_points_scale")})
+    for call in (lambda: infer_config(state, name="rtdetrv2_r18vd_120e_coco.pth"),
+                 lambda: load_official_checkpoint(state, config="rtdetrv2_r18vd")):
+        with pytest.raises(ConfigError, match=r"num_points \[6, 4, 2\].*official code \(rtdetrv2_pytorch/tools/export_onnx.py\)"):
+            call()
+
+
+def test_split_in_proj_key_is_listed_once():
+    state = dict(meta_state("rtdetrv2_r18vd"))
+    state["encoder.encoder.1.layers.0.self_attn.in_proj_weight"] = torch.empty(768, 256, device="meta")  # no second AIFI layer
+    with torch.device("meta"):
+        model = build_model("rtdetrv2_r18vd").model
+    _, report = plan_load(model, state, "rtdetrv2_r18vd")
+    assert report.unexpected == ["encoder.encoder.1.layers.0.self_attn.in_proj_weight"]
+    assert report.summary().count("in_proj_weight") == 1
+
+
+def test_m_config_deploys_the_eval_idx_layer():
+    for name in ("rtdetr_r50vd_m", "rtdetrv2_r50vd_m", "rtdetrv2_r50vd_m_dsp"):
+        cfg = load_config(name)
+        assert cfg.hf_config["decoder_layers"] == 3 and trained_decoder_layers(cfg) == 6 and deployed_layers(cfg) == 3
+    state = meta_state("rtdetrv2_r50vd_m")
+    with torch.device("meta"):
+        model = build_model("rtdetrv2_r50vd_m").model
+    _, report = plan_load(model, state, "rtdetrv2_r50vd_m", deployed_layers=3)
+    assert report.complete and report.dropped
+    assert "decoder layers 4-6 not loaded" in report.summary() and "decoder layer 3 (eval_idx 2)" in report.summary()
+    _, without = plan_load(model, state, "rtdetrv2_r50vd_m")  # not told about eval_idx: layers 4-6 are unexpected
+    assert not without.complete and not without.dropped and without.unexpected

@@ -28,7 +28,7 @@ DATA = Path(__file__).parent / "data" / "official_outputs"
 MANIFESTS = Path(__file__).parent / "data" / "official_manifests"
 VARIANTS = sorted(p.stem for p in DATA.glob("*.json"))
 FAST = {"rtdetr_r18vd", "rtdetrv2_r18vd", "rtdetrv2_r18vd_dsp", "rtdetrv2_r18vd_sp1"}  # the rest: marked slow
-MIN_GAP = 1e-3  # the official selection gap the tool required (tools/official_parity.py)
+MIN_GAP = 3e-4  # the least selection gap (logits) a record may have: 20x the fp32 noise of the selection scores
 
 
 def _params(fast: set[str]) -> list:

@@ -47,7 +47,7 @@ VARIANTS = {
     **{f"rtdetrv2_r18vd_sp{n}": ("rtdetrv2_pytorch", f"configs/rtdetrv2/rtdetrv2_r18vd_sp{n}_120e_coco.yml", f"rtdetrv2_r18vd_sp{n}") for n in (1, 2, 3)},
 }
 ORIG_SIZES = [[640, 480], [500, 375]]  # (w, h) of the two "original" images: distinct, non-square
-MIN_GAP = 1e-3  # selection logits: the 300th and 301st must differ by this much (fp32 noise is ~1e-5)
+MIN_GAP = 1e-3  # default: selection logits, the 300th and 301st must differ by this much (fp32 noise is ~1e-5)
 
 
 def _import_official(official: Path, package: str, deps: Path | None):
@@ -123,9 +123,9 @@ def worker(args) -> None:
             model.load_state_dict(state, strict=True)  # every name, shape: the official model takes exactly these
             model.eval()
             gap = _selection_gap(model, images)
-            if gap >= MIN_GAP:
+            if gap >= args.min_gap:
                 break
-            print(f"{variant}: seed {seed}: selection gap {gap:.2e} < {MIN_GAP}, next seed", flush=True)
+            print(f"{variant}: seed {seed}: selection gap {gap:.2e} < {args.min_gap}, next seed", flush=True)
         else:
             raise SystemExit(f"{variant}: no tie-free seed")
         deploy = copy.deepcopy(model).deploy()
@@ -152,7 +152,7 @@ def worker(args) -> None:
             "official": {"repository": "lyuwenyu/RT-DETR", "commit": _commit(args.official), "package": package, "yaml": yaml,
                          "deploy": "cfg.model.deploy() + cfg.postprocessor.deploy(), as tools/export_onnx.py"},
             "manifest": manifest_name, "seed": seed, "input_size": size, "image_seed": args.seed, "orig_target_sizes": ORIG_SIZES,
-            "state_sha256": state_sha256(state), "selection_gap": gap, "top_k": k,
+            "state_sha256": state_sha256(state), "selection_gap": gap, "min_gap": args.min_gap, "top_k": k,
             "reference": "float64 (the official model and postprocessor in double precision)",
             "official_fp32_deviation": {"box_px": dev_box, "score": dev_score},
             "produced": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top-k", type=int, default=50, help="detections stored per image (of the official 300)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-gap", type=float, default=MIN_GAP, help="the selection gap required (logits)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--package", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,7 +183,7 @@ def main() -> None:
         chosen = [v for v in args.variants if VARIANTS[v][0] == package]
         if chosen:
             cmd = [sys.executable, __file__, "--official", str(args.official), "--size", str(args.size), "--seed", str(args.seed),
-                   "--top-k", str(args.top_k), "--threads", str(args.threads), "--out", str(args.out), "--package", package,
+                   "--top-k", str(args.top_k), "--threads", str(args.threads), "--min-gap", str(args.min_gap), "--out", str(args.out), "--package", package,
                    "--variants", *chosen] + (["--deps", str(args.deps)] if args.deps else [])
             subprocess.run(cmd, check=True, cwd=ROOT)
 

@@ -4,10 +4,11 @@ Discrete sampling rounds every sampling location to a feature-map pixel (``int(x
 fp32 puts within rounding noise of a half-pixel boundary lands on one pixel in torch and on its neighbour in ONNX
 Runtime, and the detections that sample it move by a fraction of a pixel or more: both backends are right, and
 the fp32 tolerance (which fits bilinear sampling) fails them. How far such flips can move the outputs is measured,
-not guessed: the torch model runs in float64 (no flips of its own) with every location shifted by ``+delta`` and
-by ``-delta`` feature-map pixels before rounding, which flips every point within ``delta`` of a boundary one way
-or the other. ``delta`` is well above fp32's error on a location, so any flip fp32 makes is among them, and the
-spread of those runs around the unshifted one bounds what the flips can do.
+not guessed: fp32's error on a sampling location is measured against float64 (torch, the same images), and the
+torch model runs in float64 (no flips of its own) with every location shifted by ``+delta`` and by ``-delta``
+feature-map pixels before rounding, ``delta`` a few times that error. That flips every point close enough to a
+boundary for fp32 to flip it, one way or the other; the spread of those runs around the unshifted one bounds what
+the flips of any fp32 backend can do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from ..models.contract import DeployModel
 from .permutation import match_permutation
 
-DELTA = 1e-3  # feature-map pixels; fp32 puts a location within ~1e-4 px of where float64 does
+MARGIN = 4.0  # delta = MARGIN x the measured fp32 error of a first-layer sampling location (later layers accumulate more)
 
 
 def is_discrete(model: DeployModel) -> bool:
@@ -30,36 +31,46 @@ def is_discrete(model: DeployModel) -> bool:
 
 
 @contextlib.contextmanager
-def _shifted_rounding(delta: float) -> Iterator[None]:
-    """Shift every discrete sampling location by ``delta`` feature-map pixels (x and y) inside transformers' sampler."""
+def _sampler(delta: float = 0.0, record: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """Inside transformers' sampler: record each call's discrete sampling locations in feature-map pixels, and/or
+    shift them by ``delta`` pixels (x and y) before they are rounded."""
     from transformers.models.rt_detr_v2 import modeling_rt_detr_v2 as m
 
     original = m.multi_scale_deformable_attention_v2
 
-    def shifted(value, shapes, locations, weights, points, method="default"):
+    def patched(value, shapes, locations, weights, points, method="default"):
         if method == "discrete":
-            per_point = [torch.tensor([w, h], dtype=locations.dtype, device=locations.device)
-                         for (h, w), n in zip(shapes, points) for _ in range(n)]
-            locations = locations + delta / torch.stack(per_point)
+            scale = torch.stack([torch.tensor([w, h], dtype=locations.dtype, device=locations.device)
+                                 for (h, w), n in zip(shapes, points) for _ in range(n)])
+            if record is not None:
+                record.append((locations * scale).double().cpu())
+            if delta:
+                locations = locations + delta / scale
         return original(value, shapes, locations, weights, points, method)
 
-    m.multi_scale_deformable_attention_v2 = shifted
+    m.multi_scale_deformable_attention_v2 = patched
     try:
         yield
     finally:
         m.multi_scale_deformable_attention_v2 = original
 
 
-def flip_spread(model: DeployModel, images: torch.Tensor, sizes: torch.Tensor, delta: float = DELTA) -> tuple[float, float, int]:
-    """(box px, score, label mismatches): the largest change of the outputs when boundary points flip (see module doc)."""
+def flip_spread(model: DeployModel, images: torch.Tensor, sizes: torch.Tensor) -> tuple[float, float, int]:
+    """(box px, score, label mismatches): the largest change of the outputs when the points within fp32's error of a
+    rounding boundary flip (see the module docstring). The error is measured: the first decoder layer's sampling
+    locations in fp32 against float64, on these images."""
     ref_model = copy.deepcopy(model).double().eval()
-    images = images.double()
+    fp32, fp64 = [], []
     with torch.inference_mode():
-        base = ref_model(images, sizes)
+        with _sampler(record=fp32):
+            model(images, sizes)
+        with _sampler(record=fp64):
+            base = ref_model(images.double(), sizes)
+        delta = MARGIN * max(float((fp32[0] - fp64[0]).abs().max()), 1e-9)
         runs = []
         for d in (delta, -delta):
-            with _shifted_rounding(d):
-                runs.append(ref_model(images, sizes))
+            with _sampler(delta=d):
+                runs.append(ref_model(images.double(), sizes))
     box = score = 0.0
     labels = 0
     for run in runs:
