@@ -164,7 +164,8 @@ def _points_hint(state: Mapping[str, torch.Tensor], report: LoadReport, model: D
     if found is None and (w := state.get("decoder.decoder.layers.0.cross_attn.attention_weights.weight")) is not None:
         hf = model.model.config
         found = w.shape[0] // (hf.decoder_attention_heads * hf.num_feature_levels)
-    fix = f"use config rtdetrv2_r18vd_sp{found} where it fits, or a" if found in (1, 2, 3) else "use a"
+    v2 = checkpoint_model_type(state) == "rt_detr_v2"
+    fix = f"use config rtdetrv2_r18vd_sp{found} where it fits, or a" if v2 and found in (1, 2, 3) else "use a"
     return (f"; the checkpoint samples {found} point(s) per level (official num_points {[found] * 3}), config {model.name!r} "
             f"{model.model.config.decoder_n_points}: {fix} config (JSON path) with hf_config decoder_n_points: {found}")
 
