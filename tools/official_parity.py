@@ -112,6 +112,9 @@ def worker(args) -> None:
             manifest_path.write_text("{\n\"header\": " + json.dumps(header, indent=1) + ",\n\"tensors\": {\n"
                                      + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in tensors.items()) + "\n}\n}\n")
         manifest = read_manifest(manifest_path)
+        if args.manifests_only:
+            print(f"{variant}: manifest {manifest_path.name}", flush=True)
+            continue
         mismatch = [k for k in set(manifest) | set(official_tensors)
                     if k not in ("decoder.anchors", "decoder.valid_mask") and manifest.get(k, {}).get("shape") != official_tensors.get(k, {}).get("shape")]
         if mismatch:
@@ -174,6 +177,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-gap", type=float, default=MIN_GAP, help="the selection gap required (logits)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--manifests-only", action="store_true", help="only write the manifests of variants that lack one")
     ap.add_argument("--package", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,7 @@ def main() -> None:
         chosen = [v for v in args.variants if VARIANTS[v][0] == package]
         if chosen:
             cmd = [sys.executable, __file__, "--official", str(args.official), "--size", str(args.size), "--seed", str(args.seed),
-                   "--top-k", str(args.top_k), "--threads", str(args.threads), "--min-gap", str(args.min_gap), "--out", str(args.out), "--package", package,
+                   "--top-k", str(args.top_k), "--threads", str(args.threads), "--min-gap", str(args.min_gap), *(["--manifests-only"] if args.manifests_only else []), "--out", str(args.out), "--package", package,
                    "--variants", *chosen] + (["--deps", str(args.deps)] if args.deps else [])
             subprocess.run(cmd, check=True, cwd=ROOT)
 
