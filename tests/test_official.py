@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,20 @@ from tests.conftest import run_cli
 from toolkit.errors import CheckpointError, ConfigError
 from toolkit.models.config import build_model, load_config
 from toolkit.models.loading import load_model
-from toolkit.models.official import OFFICIAL_CONFIGS, inference_parameter_count, infer_config, load_official_checkpoint, official_key, plan_load, remap_state_dict
+from toolkit.models.official import (
+    OFFICIAL_CONFIGS,
+    deployed_layers,
+    inference_parameter_count,
+    infer_config,
+    load_official_checkpoint,
+    official_key,
+    plan_load,
+    remap_state_dict,
+    trained_decoder_layers,
+)
 
 MANIFESTS = Path(__file__).parent / "data" / "official_manifests"
+MANIFEST_NAMES = sorted(p.stem for p in MANIFESTS.glob("*.json"))
 PUBLISHED_PARAMS_M = {"r18vd": 20, "r34vd": 31, "r50vd_m": 36, "r50vd": 42, "r101vd": 76}  # RT-DETR / RT-DETRv2 papers
 
 
@@ -74,29 +86,45 @@ def r18_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.T
 def test_config_parameter_count_matches_published(name):
     cfg = load_config(name)
     assert len(cfg.class_names) == 80 and tuple(cfg.input_size) == (640, 640)
+    cfg.hf_config["decoder_layers"] = trained_decoder_layers(cfg)  # published sizes count every trained decoder layer
     with torch.device("meta"):
         model = build_model(cfg).model
-    published = PUBLISHED_PARAMS_M[name.split("_", 1)[1]] * 1e6
+    backbone = name.split("_", 1)[1].removesuffix("_dsp").split("_sp")[0]
+    published = PUBLISHED_PARAMS_M[backbone] * 1e6
     count = inference_parameter_count(model)
     assert abs(count - published) / published < 0.02, f"{name}: {count / 1e6:.2f}M vs published {published / 1e6:.0f}M"
 
 
 # --- remap against the official manifests (meta tensors: no memory, no time) -------------------------------
 
-@pytest.mark.parametrize("name", OFFICIAL_CONFIGS)
-def test_manifest_remaps_onto_the_transformers_model(name):
+def _manifest_cases() -> list[tuple[str, str]]:
+    """(manifest, config): a _dsp model has the tensors of its bilinear twin, so both configs load that manifest."""
+    cases = [(m, m) for m in MANIFEST_NAMES]
+    return cases + [(c.removesuffix("_dsp"), c) for c in OFFICIAL_CONFIGS if c.endswith("_dsp")]
+
+
+@pytest.mark.parametrize(("name", "config"), _manifest_cases())
+def test_manifest_remaps_onto_the_transformers_model(name, config):
     state = meta_state(name)
-    assert infer_config(state) == name
+    yaml = load_config(config).official["yaml"]
+    assert infer_config(state, name=f"{yaml}.pth") == config  # the official file name decides bilinear vs discrete
+    cfg = load_config(config)
     with torch.device("meta"):
-        model = build_model(name).model
-    _, report = plan_load(model, state, name)
+        model = build_model(cfg).model
+    _, report = plan_load(model, state, config, deployed_layers(cfg))
     assert report.complete, report.summary()
     # only BatchNorm step counters of the frozen backbone and RT-DETRv2's precomputed anchors are left out
     assert all(k.endswith("num_batches_tracked") or k in ("decoder.anchors", "decoder.valid_mask") for k in report.ignored)
     assert report.loaded == len({id(t) for t in model.state_dict(keep_vars=True).values()})
-    # same parameters as the official model, except that transformers keeps every backbone norm frozen (buffers)
     tensors = manifest(name)["tensors"]
-    official = sum(math.prod(v["shape"]) for k, v in tensors.items() if v["parameter"] and not (k.startswith("backbone.") and ".norm." in k))
+    # _m: the decoder layers after the official eval_idx (layers 4-6) are dropped, each of their tensors listed once
+    kept_layers = deployed_layers(cfg) or trained_decoder_layers(cfg)
+    beyond = {k for k in tensors if (m := re.match(r"decoder\.(?:decoder\.layers|dec_score_head|dec_bbox_head)\.(\d+)\.", k)) and int(m[1]) >= kept_layers}
+    assert sorted(report.dropped) == sorted(beyond) and len(report.dropped) == len(set(report.dropped))
+    assert bool(beyond) == name.endswith("_m")
+    # same parameters as the official model, except that transformers keeps every backbone norm frozen (buffers)
+    official = sum(math.prod(v["shape"]) for k, v in tensors.items()
+                   if v["parameter"] and k not in beyond and not (k.startswith("backbone.") and ".norm." in k))
     assert sum(p.numel() for p in model.parameters()) == official
 
 
@@ -219,3 +247,83 @@ def test_other_class_count_needs_allow_partial(r18_checkpoints):
                                                  *(f"model.decoder.class_embed.{i}.{p}" for i in range(3) for p in ("weight", "bias"))}
     loaded = model.model.state_dict()
     assert torch.equal(loaded["model.decoder.bbox_embed.2.layers.0.weight"], state["decoder.dec_bbox_head.2.layers.0.weight"])
+
+
+# --- zoo variants the weights cannot tell apart, or transformers cannot express --------------------------------
+
+def test_bilinear_or_discrete_is_inconclusive_unless_the_file_name_decides():
+    state = meta_state("rtdetrv2_r18vd")  # a _dsp checkpoint has exactly these tensors
+    for name in (None, "model_final.pth", "checkpoint0071.pth"):
+        with pytest.raises(ConfigError, match=r"inconclusive: .*\(rtdetrv2_r18vd, rtdetrv2_r18vd_dsp\)"):
+            infer_config(state, name=name)
+    assert infer_config(state, name="rtdetrv2_r18vd_dsp_3x_coco.pth") == "rtdetrv2_r18vd_dsp"
+    assert infer_config(state, name="/ckpts/rtdetrv2_r18vd_120e_coco_rerun_48.1.pth") == "rtdetrv2_r18vd"
+    assert infer_config(meta_state("rtdetrv2_r50vd_m"), name="rtdetrv2_r50vd_m_dsp_3x_coco.pth") == "rtdetrv2_r50vd_m_dsp"
+    assert infer_config(meta_state("rtdetr_r18vd")) == "rtdetr_r18vd"  # RT-DETR v1 has no discrete sampling: nothing to decide
+
+
+def test_inconclusive_checkpoint_on_the_cli(r18_checkpoints, tmp_path):
+    _, state = r18_checkpoints["rtdetrv2_r18vd"]
+    path = tmp_path / "checkpoint0071.pth"
+    torch.save({"ema": {"module": state}}, path)
+    with pytest.raises(ConfigError, match="inconclusive"):
+        load_model(path)
+    proc = run_cli("export", str(path), "-o", str(tmp_path / "m.onnx"), "--no-verify")
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "inconclusive" in proc.stdout + proc.stderr and "--config rtdetrv2_r18vd_dsp" in proc.stdout + proc.stderr
+
+
+def test_discrete_config_loads_the_same_tensors(r18_checkpoints):
+    _, state = r18_checkpoints["rtdetrv2_r18vd"]
+    model = load_official_checkpoint(state, config="rtdetrv2_r18vd_dsp")
+    assert model.load_report.complete and model.model.config.decoder_method == "discrete"
+
+
+@pytest.mark.parametrize("points", [1, 2, 3])
+def test_num_points_variants_are_inferred(points):
+    assert infer_config(meta_state(f"rtdetrv2_r18vd_sp{points}"), name=f"rtdetrv2_r18vd_sp{points}_120e_coco.pth") == f"rtdetrv2_r18vd_sp{points}"
+
+
+def test_num_points_mismatch_names_the_config():
+    state = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in meta_state("rtdetrv2_r18vd_sp1").items()}
+    for key in state:
+        if key.endswith("num_points_scale"):
+            state[key] = torch.ones(3)  # the official buffer of num_points [1, 1, 1]
+    with pytest.raises(ConfigError, match=r"1 point\(s\) per level .*use config rtdetrv2_r18vd_sp1"):
+        load_official_checkpoint(state, config="rtdetrv2_r18vd")
+    assert load_official_checkpoint(state, name="rtdetrv2_r18vd_sp1_120e_coco.pth").name == "rtdetrv2_r18vd_sp1"
+
+
+def test_points_that_differ_per_level_are_refused_with_the_fix():
+    # [6, 4, 2] has the tensor shapes of the standard [4, 4, 4]: only the stored scale buffer tells them apart
+    state = dict(meta_state("rtdetrv2_r18vd"))
+    scale = torch.tensor([1 / n for n in (6, 4, 2) for _ in range(n)])
+    state.update({k: scale for k in state if k.endswith("num_points_scale")})
+    for call in (lambda: infer_config(state, name="rtdetrv2_r18vd_120e_coco.pth"),
+                 lambda: load_official_checkpoint(state, config="rtdetrv2_r18vd")):
+        with pytest.raises(ConfigError, match=r"num_points \[6, 4, 2\].*official code \(rtdetrv2_pytorch/tools/export_onnx.py\)"):
+            call()
+
+
+def test_split_in_proj_key_is_listed_once():
+    state = dict(meta_state("rtdetrv2_r18vd"))
+    state["encoder.encoder.1.layers.0.self_attn.in_proj_weight"] = torch.empty(768, 256, device="meta")  # no second AIFI layer
+    with torch.device("meta"):
+        model = build_model("rtdetrv2_r18vd").model
+    _, report = plan_load(model, state, "rtdetrv2_r18vd")
+    assert report.unexpected == ["encoder.encoder.1.layers.0.self_attn.in_proj_weight"]
+    assert report.summary().count("in_proj_weight") == 1
+
+
+def test_m_config_deploys_the_eval_idx_layer():
+    for name in ("rtdetr_r50vd_m", "rtdetrv2_r50vd_m", "rtdetrv2_r50vd_m_dsp"):
+        cfg = load_config(name)
+        assert cfg.hf_config["decoder_layers"] == 3 and trained_decoder_layers(cfg) == 6 and deployed_layers(cfg) == 3
+    state = meta_state("rtdetrv2_r50vd_m")
+    with torch.device("meta"):
+        model = build_model("rtdetrv2_r50vd_m").model
+    _, report = plan_load(model, state, "rtdetrv2_r50vd_m", deployed_layers=3)
+    assert report.complete and report.dropped
+    assert "decoder layers 4-6 not loaded" in report.summary() and "decoder layer 3 (eval_idx 2)" in report.summary()
+    _, without = plan_load(model, state, "rtdetrv2_r50vd_m")  # not told about eval_idx: layers 4-6 are unexpected
+    assert not without.complete and not without.dropped and without.unexpected

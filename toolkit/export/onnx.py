@@ -194,6 +194,8 @@ def export_onnx(
             if report.verdict == "disagree":  # inconclusive (tied selection) is written, and says so
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
     notes = lint(onnx_model, signature) + ([islands.summary()] if islands is not None and islands.nodes else [])
+    load_report = getattr(deploy, "load_report", None)  # an official checkpoint: decoder layers past eval_idx are dropped
+    notes += [load_report.dropped_note()] if getattr(load_report, "dropped", None) else []
     return ExportResult(output, signature, report, notes, time.perf_counter() - start, islands=islands, fold=fold_report)
 
 

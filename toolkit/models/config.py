@@ -43,6 +43,10 @@ class ModelConfig:
     resize: str = "stretch"
     description: str = ""
     tie_free: bool = False  # generated weights get make_tie_free_ (see build_model); true where that stays finite
+    # The official lyuwenyu/RT-DETR model this config deploys, where it differs from what the transformers model
+    # computes: ``yaml`` (the official config's name), ``decoder_layers`` and ``eval_idx`` (an official model
+    # trained with more decoder layers than it evaluates: the transformers model is built with eval_idx + 1).
+    official: dict[str, Any] = field(default_factory=dict)
 
     @property
     def preprocess(self) -> PreprocessSpec:

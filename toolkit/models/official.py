@@ -1,20 +1,20 @@
 """Official RT-DETR / RT-DETRv2 checkpoints (lyuwenyu/RT-DETR ``.pth`` files) on the transformers implementation.
 
 An official checkpoint stores the training model's state dict under ``ema.module`` (or ``model``) with the
-official module names (``backbone.res_layers...``, ``encoder.input_proj...``, ``decoder.dec_score_head...``).
-:data:`RULES` renames those keys onto ``RTDetrForObjectDetection`` / ``RTDetrV2ForObjectDetection``; every
-tensor is shape-checked and a :class:`LoadReport` lists what is missing, unexpected or mis-shaped. Anything
-short of a complete load is an error unless ``allow_partial=True``.
+official module names. :mod:`toolkit.models.official_remap` renames those keys onto
+``RTDetrForObjectDetection`` / ``RTDetrV2ForObjectDetection`` and shape-checks every tensor; this module picks the
+config (every variant of the official zoo: backbones, ``_m`` with ``eval_idx``, v2 discrete sampling ``_dsp``,
+``num_points`` ``_sp``), loads, and refuses what transformers cannot compute, naming the fix.
 
-transformers ships no importable key mapping for these checkpoints (its conversion scripts are not part of
-the installed package), so the mapping is written here as data and pinned by ``tests/test_official.py``
-against manifests of the official models' parameter names and shapes.
+What the weights cannot tell is never guessed: bilinear and discrete sampling (``cross_attn_method``) have
+identical tensors, so an RT-DETRv2 checkpoint without a config is **inconclusive** (a :class:`ConfigError`
+listing the candidate configs) unless its file name decides (the official zoo names its discrete-sampling
+models ``*_dsp_*``). Official training checkpoints store no config of their own.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -24,147 +24,50 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from .config import ModelConfig, build_model, hf_config, load_config
 from .contract import DeployModel
+from .official_remap import (  # noqa: F401  (re-exported: the public names of the official-checkpoint API)
+    IGNORED,
+    RULES,
+    LoadReport,
+    checkpoint_model_type,
+    looks_official,
+    official_key,
+    plan_load,
+    remap_state_dict,
+)
 from .weights import _read_state_dict
 
-OFFICIAL_CONFIGS = tuple(f"{prefix}_{backbone}" for prefix in ("rtdetr", "rtdetrv2")
-                         for backbone in ("r18vd", "r34vd", "r50vd_m", "r50vd", "r101vd"))
+OFFICIAL_CONFIGS = (*(f"{prefix}_{backbone}" for prefix in ("rtdetr", "rtdetrv2") for backbone in ("r18vd", "r34vd", "r50vd_m", "r50vd", "r101vd")),
+                    *(f"rtdetrv2_{b}_dsp" for b in ("r18vd", "r34vd", "r50vd_m", "r50vd")),
+                    *(f"rtdetrv2_r18vd_sp{n}" for n in (1, 2, 3)))
 
-# Group values renamed on the way: stem conv index, bottleneck branch, conv/norm module names, layer sub-modules.
-_LOOKUP: dict[str, dict[str, str]] = {
-    "stem": {"1": "0", "2": "1", "3": "2"},
-    "branch": {"a": "0", "b": "1", "c": "2"},
-    "mod": {"conv": "convolution", "norm": "normalization"},
-    "enc": {"linear1": "mlp.fc1", "linear2": "mlp.fc2", "norm1": "self_attn_layer_norm", "norm2": "final_layer_norm"},
-    "dec": {"linear1": "mlp.fc1", "linear2": "mlp.fc2", "norm1": "self_attn_layer_norm", "norm2": "encoder_attn_layer_norm",
-            "norm3": "final_layer_norm", "out_proj": "o_proj", "cross_attn": "encoder_attn"},
-    "seq": {"0": "0", "conv": "0", "proj": "0", "1": "1", "norm": "1"},  # nn.Sequential index, RT-DETRv2's named one
-}
-_QKV = "{qkv}"  # a rule whose target holds this splits nn.MultiheadAttention's in_proj into q/k/v (dim 0)
-
-# (official key regex, transformers key template): the first full match wins. {name} is the named group,
-# renamed through _LOOKUP[name] where such a table exists. Covers RT-DETR and RT-DETRv2 (PResNet-vd backbones).
-RULES: tuple[tuple[str, str], ...] = (
-    (r"backbone\.conv1\.conv1_(?P<stem>[123])\.(?P<mod>conv|norm)\.(?P<p>\w+)",
-     "model.backbone.model.embedder.embedder.{stem}.{mod}.{p}"),
-    (r"backbone\.res_layers\.(?P<s>\d+)\.blocks\.(?P<l>\d+)\.branch2(?P<branch>[abc])\.(?P<mod>conv|norm)\.(?P<p>\w+)",
-     "model.backbone.model.encoder.stages.{s}.layers.{l}.layer.{branch}.{mod}.{p}"),
-    (r"backbone\.res_layers\.(?P<s>\d+)\.blocks\.(?P<l>\d+)\.short\.conv\.(?P<mod>conv|norm)\.(?P<p>\w+)",  # avg-pool + conv
-     "model.backbone.model.encoder.stages.{s}.layers.{l}.shortcut.1.{mod}.{p}"),
-    (r"backbone\.res_layers\.(?P<s>\d+)\.blocks\.(?P<l>\d+)\.short\.(?P<mod>conv|norm)\.(?P<p>\w+)",
-     "model.backbone.model.encoder.stages.{s}.layers.{l}.shortcut.{mod}.{p}"),
-    (r"(?P<part>encoder|decoder)\.input_proj\.(?P<j>\d+)\.(?P<seq>0|1|conv|norm)\.(?P<p>\w+)",
-     "model.{part}_input_proj.{j}.{seq}.{p}"),
-    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)",
-     "model.encoder.aifi.{i}.layers.{l}.self_attn.{qkv}_proj.{p}"),
-    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.self_attn\.out_proj\.(?P<p>\w+)",
-     "model.encoder.aifi.{i}.layers.{l}.self_attn.o_proj.{p}"),
-    (r"encoder\.encoder\.(?P<i>\d+)\.layers\.(?P<l>\d+)\.(?P<enc>linear1|linear2|norm1|norm2)\.(?P<p>\w+)",
-     "model.encoder.aifi.{i}.layers.{l}.{enc}.{p}"),
-    (r"encoder\.(?P<rest>(?:lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\..+)", "model.encoder.{rest}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.self_attn\.in_proj_(?P<p>weight|bias)",
-     "model.decoder.layers.{i}.self_attn.{qkv}_proj.{p}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.self_attn\.(?P<dec>out_proj)\.(?P<p>\w+)",
-     "model.decoder.layers.{i}.self_attn.{dec}.{p}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.cross_attn\.num_points_scale",
-     "model.decoder.layers.{i}.encoder_attn.n_points_scale"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.(?P<dec>cross_attn)\.(?P<rest>(?:sampling_offsets|attention_weights|value_proj|output_proj)\.\w+)",
-     "model.decoder.layers.{i}.{dec}.{rest}"),
-    (r"decoder\.decoder\.layers\.(?P<i>\d+)\.(?P<dec>linear1|linear2|norm1|norm2|norm3)\.(?P<p>\w+)",
-     "model.decoder.layers.{i}.{dec}.{p}"),
-    (r"decoder\.dec_score_head\.(?P<rest>.+)", "model.decoder.class_embed.{rest}"),
-    (r"decoder\.dec_bbox_head\.(?P<rest>.+)", "model.decoder.bbox_embed.{rest}"),
-    (r"decoder\.query_pos_head\.(?P<rest>.+)", "model.decoder.query_pos_head.{rest}"),
-    (r"decoder\.enc_output\.(?P<seq>0|1|proj|norm)\.(?P<p>\w+)", "model.enc_output.{seq}.{p}"),
-    (r"decoder\.(?P<rest>(?:enc_score_head|enc_bbox_head|denoising_class_embed)\..+)", "model.{rest}"),
-)
-_COMPILED = tuple((re.compile(pattern), template) for pattern, template in RULES)
-
-# Official tensors with no counterpart, by design: BatchNorm step counters where transformers freezes the
-# backbone's norms (ignored only where the model has no such counter), and RT-DETRv2's precomputed anchors
-# (transformers computes them from the input size).
-IGNORED = (re.compile(r".*\.num_batches_tracked"), re.compile(r"decoder\.(anchors|valid_mask)"))
-
-
-@dataclass
-class LoadReport:
-    """What an official checkpoint's load did: keys in transformers naming unless said otherwise."""
-
-    config: str
-    num_classes: int | None = None  # from the checkpoint's class head
-    loaded: int = 0  # model tensors filled from the checkpoint
-    missing: list[str] = field(default_factory=list)  # model tensors the checkpoint does not provide
-    unexpected: list[str] = field(default_factory=list)  # official keys (official naming) with no place in the model
-    misshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (key, checkpoint, model)
-    ignored: list[str] = field(default_factory=list)  # official keys deliberately not loaded (see IGNORED), official naming
-
-    @property
-    def complete(self) -> bool:
-        return not (self.missing or self.unexpected or self.misshaped)
-
-    def summary(self, limit: int = 5) -> str:
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
-
-        lines = [f"config {self.config}: {self.loaded} tensors loaded, {len(self.ignored)} ignored"]
-        if self.missing:
-            lines.append(f"missing: {few(self.missing)}")
-        if self.unexpected:
-            lines.append(f"unexpected: {few(self.unexpected)}")
-        if self.misshaped:
-            lines.append("mis-shaped (checkpoint vs model): " + few([f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in self.misshaped]))
-        return "; ".join(lines)
-
-
-def official_key(key: str) -> list[str] | None:
-    """The transformers key(s) of one official key (three for a q/k/v in_proj), or None if no rule matches."""
-    for pattern, template in _COMPILED:
-        m = pattern.fullmatch(key)
-        if m:
-            groups = {k: _LOOKUP[k][v] if k in _LOOKUP else v for k, v in m.groupdict().items()}
-            if _QKV in template:
-                return [template.format(qkv=x, **groups) for x in ("q", "k", "v")]
-            return [template.format(**groups)]
-    return None
-
-
-def looks_official(state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a state dict uses the official RT-DETR module names (backbone/encoder/decoder, official heads)."""
-    return any(k.startswith("decoder.dec_score_head.") for k in state) and any(k.startswith("encoder.") for k in state)
-
-
-def checkpoint_model_type(state: Mapping[str, torch.Tensor]) -> str:
-    """``rt_detr_v2`` if the decoder has RT-DETRv2's per-point sampling scales, else ``rt_detr``."""
-    return "rt_detr_v2" if any(k.endswith("cross_attn.num_points_scale") for k in state) else "rt_detr"
-
-
-def remap_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str], list[str]]:
-    """(transformers-named tensors, their official keys, official keys no rule maps, official keys ignored by design).
-
-    Tensors are not copied: a renamed key holds the same tensor, an in_proj is split into views."""
-    mapped: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    unmapped: list[str] = []
-    ignored: list[str] = []
-    for key, tensor in state.items():
-        targets = official_key(key)
-        if targets is None:
-            (ignored if any(p.fullmatch(key) for p in IGNORED) else unmapped).append(key)
-            continue
-        parts = tensor.chunk(3, dim=0) if len(targets) == 3 else (tensor,)
-        mapped.update(zip(targets, parts))
-        origin.update(dict.fromkeys(targets, key))
-    return mapped, origin, unmapped, ignored
+_SCALE_KEY = "decoder.decoder.layers.0.cross_attn.num_points_scale"
+_ATTN_KEY = "model.decoder.layers.0.encoder_attn.attention_weights.weight"
+_OFFICIAL_EXPORT_FIX = ("export it with the official code (rtdetrv2_pytorch/tools/export_onnx.py) and give that ONNX file to "
+                        "rtdetr-deploy build/run/compare")
 
 
 def _signature(values: Mapping[str, object]) -> dict[str, object]:
-    return {k: values[k] for k in ("model_type", "layer_type", "depths", "encoder_hidden_dim", "hidden_expansion", "decoder_layers")}
+    return {k: values[k] for k in ("model_type", "layer_type", "depths", "encoder_hidden_dim", "hidden_expansion", "decoder_layers",
+                                   "sampling_points")}
+
+
+def trained_decoder_layers(cfg: ModelConfig) -> int:
+    """Decoder layers of the official model the config deploys (more than the deployed ones for ``eval_idx`` models)."""
+    return int(cfg.official.get("decoder_layers", hf_config(cfg).decoder_layers))
+
+
+def deployed_layers(cfg: ModelConfig) -> int | None:
+    """Decoder layers deployed when the official model evaluates an earlier layer (``eval_idx``), else None."""
+    idx = cfg.official.get("eval_idx")
+    return None if idx is None or idx < 0 else int(idx) + 1
 
 
 def _config_signature(cfg: ModelConfig) -> dict[str, object]:
     hf = hf_config(cfg)
     return _signature({"model_type": cfg.model_type, "layer_type": hf.backbone_config.layer_type, "depths": list(hf.backbone_config.depths),
                        "encoder_hidden_dim": hf.encoder_hidden_dim, "hidden_expansion": float(hf.hidden_expansion),
-                       "decoder_layers": hf.decoder_layers})
+                       "decoder_layers": trained_decoder_layers(cfg),
+                       "sampling_points": hf.decoder_attention_heads * hf.num_feature_levels * hf.decoder_n_points})
 
 
 def _checkpoint_signature(state: Mapping[str, torch.Tensor], mapped: Mapping[str, torch.Tensor]) -> dict[str, object]:
@@ -174,67 +77,111 @@ def _checkpoint_signature(state: Mapping[str, torch.Tensor], mapped: Mapping[str
         m = stage.fullmatch(key)
         if m:
             blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
-    needed = ("model.encoder_input_proj.0.0.weight", "model.encoder.fpn_blocks.0.conv1.conv.weight")
+    needed = ("model.encoder_input_proj.0.0.weight", "model.encoder.fpn_blocks.0.conv1.conv.weight", _ATTN_KEY)
     if not blocks or any(k not in mapped for k in needed):
         raise CheckpointError("not an RT-DETR checkpoint with a PResNet-vd backbone (the toolkit's official configs): "
-                              f"no backbone res_layers or encoder input projection; first keys: {', '.join(list(state)[:5])}")
+                              f"no backbone res_layers, encoder input projection or decoder; first keys: {', '.join(list(state)[:5])}")
     hidden = mapped[needed[0]].shape[0]
     decoder_layers = len({k.split(".")[3] for k in mapped if k.startswith("model.decoder.class_embed.")})
     return _signature({"model_type": checkpoint_model_type(state),
                        "layer_type": "bottleneck" if any(".layer.2.convolution." in k for k in mapped) else "basic",
                        "depths": [blocks[i] for i in sorted(blocks)], "encoder_hidden_dim": hidden,
-                       "hidden_expansion": mapped[needed[1]].shape[0] / hidden, "decoder_layers": decoder_layers})
+                       "hidden_expansion": mapped[needed[1]].shape[0] / hidden, "decoder_layers": decoder_layers,
+                       "sampling_points": mapped[_ATTN_KEY].shape[0]})
 
 
-def infer_config(state: Mapping[str, torch.Tensor]) -> str:
-    """The official config whose architecture matches an official state dict's shapes (class count aside)."""
+def points_per_level(state: Mapping[str, torch.Tensor]) -> list[int] | None:
+    """RT-DETRv2's official ``num_points`` list, read back from its ``num_points_scale`` buffer (``1/n`` repeated
+    ``n`` times per level); None for RT-DETR, meta tensors or a buffer that is not such a scale."""
+    scale = state.get(_SCALE_KEY)
+    if scale is None or scale.is_meta:
+        return None
+    values, points, i = scale.double().tolist(), [], 0
+    while i < len(values):
+        n = round(1 / values[i]) if values[i] > 0 else 0
+        if n < 1 or i + n > len(values) or any(abs(v * n - 1) > 1e-3 for v in values[i:i + n]):
+            return None
+        points.append(n)
+        i += n
+    return points
+
+
+def check_expressible(state: Mapping[str, torch.Tensor], where: str = "the checkpoint") -> None:
+    """Refuse, naming the fix, official models transformers cannot compute: ``num_points`` that differ per level
+    (transformers' ``decoder_n_points`` is one number for all levels) and class-agnostic query selection."""
+    points = points_per_level(state)
+    if points is not None and len(set(points)) > 1:
+        raise ConfigError(f"{where}: the decoder samples num_points {points} (per feature level); transformers' RT-DETRv2 "
+                          "samples the same number of points on every level (decoder_n_points), so it cannot compute this model: "
+                          + _OFFICIAL_EXPORT_FIX)
+    enc, dec = state.get("decoder.enc_score_head.weight"), state.get("decoder.dec_score_head.0.weight")
+    if enc is not None and dec is not None and enc.shape[0] == 1 and dec.shape[0] > 1:
+        raise ConfigError(f"{where}: class-agnostic query selection (query_select_method: agnostic, a 1-class enc_score_head) is "
+                          "not in transformers' RT-DETR: " + _OFFICIAL_EXPORT_FIX)
+
+
+def _decide_by_name(name: str | None, candidates: list[str]) -> list[str]:
+    """The candidates the checkpoint's own file name allows: an official zoo name (``rtdetrv2_r18vd_dsp_3x_coco.pth``,
+    ``rtdetrv2_r50vd_6x_coco_ema.pth``) says whether it samples discretely (``dsp``); any other name decides nothing."""
+    if not name:
+        return candidates
+    tokens = Path(str(name)).stem.lower().replace("-", "_").split("_")
+    if not tokens or tokens[0] not in ("rtdetr", "rtdetrv2"):
+        return candidates
+    discrete = "dsp" in tokens
+    return [c for c in candidates if (load_config(c).hf_config.get("decoder_method") == "discrete") == discrete]
+
+
+def infer_config(state: Mapping[str, torch.Tensor], name: str | None = None) -> str:
+    """The official config whose architecture matches an official state dict (class count aside).
+
+    ``name`` (the checkpoint's file name) decides between variants with identical tensors (bilinear vs discrete
+    sampling); where nothing decides, a :class:`ConfigError` lists the candidates."""
     if not looks_official(state):
         raise CheckpointError("not an official RT-DETR checkpoint: no decoder.dec_score_head.* / encoder.* keys; "
                               f"first keys: {', '.join(list(state)[:5])}")
+    check_expressible(state)
     mapped, _, _, _ = remap_state_dict(state)
     found = _checkpoint_signature(state, mapped)
-    matches = [name for name in OFFICIAL_CONFIGS if _config_signature(load_config(name)) == found]
+    matches = [c for c in OFFICIAL_CONFIGS if _config_signature(load_config(c)) == found]
     if not matches:
         raise CheckpointError(f"no official config matches the checkpoint's architecture {found}; "
                               f"known: {', '.join(OFFICIAL_CONFIGS)} (a custom one can be given as config=path.json)")
-    return matches[0]
+    decided = _decide_by_name(name, matches)
+    if len(decided) != 1:
+        raise ConfigError(f"inconclusive: the weights fit {len(matches)} official configs ({', '.join(matches)}) that differ only "
+                          "in the decoder's sampling (bilinear, or discrete for the *_dsp models: identical tensors), and "
+                          f"{'the file name does not say which' if name else 'no file name says which'}; "
+                          f"give the config: --config {matches[0]} or --config {matches[-1]}")
+    return decided[0]
 
 
-def plan_load(model: nn.Module, state: Mapping[str, torch.Tensor], config: str = "") -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Remap an official state dict onto a transformers RT-DETR ``model`` and check every name and shape.
-
-    Returns the tensors that fit (transformers naming) and the report. Nothing is loaded; works on meta tensors.
-    Tied tensors (transformers shares the decoder's heads at the top level) count once.
-    """
-    mapped, origin, unmapped, ignored = remap_state_dict(state)
-    target = model.state_dict(keep_vars=True)
-    groups: dict[int, list[str]] = {}
-    for name, tensor in target.items():
-        groups.setdefault(id(tensor), []).append(name)
-    fits: dict[str, torch.Tensor] = {}
-    report = LoadReport(config=config, unexpected=sorted(unmapped), ignored=sorted(ignored))
-    head = mapped.get("model.decoder.class_embed.0.weight")
-    report.num_classes = int(head.shape[0]) if head is not None else None
-    for key, tensor in mapped.items():
-        if key not in target:  # a frozen-norm step counter is ignored, anything else is unexpected
-            (report.ignored if any(p.fullmatch(origin[key]) for p in IGNORED) else report.unexpected).append(origin[key])
-        elif tuple(tensor.shape) != tuple(target[key].shape):
-            report.misshaped.append((key, tuple(tensor.shape), tuple(target[key].shape)))
-        else:
-            fits[key] = tensor
-    report.missing = sorted(names[0] for names in groups.values() if not any(n in fits for n in names))
-    report.loaded = len(groups) - len(report.missing)
-    return fits, report
+def _points_hint(state: Mapping[str, torch.Tensor], report: LoadReport, model: DeployModel) -> str:
+    if not any(".encoder_attn.sampling_offsets." in k or ".encoder_attn.attention_weights." in k for k, _, _ in report.misshaped):
+        return ""
+    points = points_per_level(state)
+    found = points[0] if points else None
+    if found is None and (w := state.get("decoder.decoder.layers.0.cross_attn.attention_weights.weight")) is not None:
+        hf = model.model.config
+        found = w.shape[0] // (hf.decoder_attention_heads * hf.num_feature_levels)
+    v2 = checkpoint_model_type(state) == "rt_detr_v2"
+    fix = f"use config rtdetrv2_r18vd_sp{found} where it fits, or a" if v2 and found in (1, 2, 3) else "use a"
+    return (f"; the checkpoint samples {found} point(s) per level (official num_points {[found] * 3}), config {model.name!r} "
+            f"{model.model.config.decoder_n_points}: {fix} config (JSON path) with hf_config decoder_n_points: {found}")
 
 
-def load_official_state_dict(model: DeployModel, state: Mapping[str, torch.Tensor], *, allow_partial: bool = False) -> LoadReport:
-    """Load an official state dict into a built transformers model; incomplete is an error unless ``allow_partial``."""
-    fits, report = plan_load(model.model, state, model.name)
+def load_official_state_dict(model: DeployModel, state: Mapping[str, torch.Tensor], *, allow_partial: bool = False,
+                             deployed_layers: int | None = None) -> LoadReport:
+    """Load an official state dict into a built transformers model; incomplete is an error unless ``allow_partial``.
+
+    ``deployed_layers``: the model deploys the official ``eval_idx`` layer; later decoder layers are dropped and
+    listed in ``LoadReport.dropped`` (that alone does not make the load incomplete)."""
+    fits, report = plan_load(model.model, state, model.name, deployed_layers)
     if not report.complete and not allow_partial:
-        hint = ""
+        hint = _points_hint(state, report, model)
         if report.num_classes is not None and report.num_classes != model.num_classes:
-            hint = (f"; the checkpoint has {report.num_classes} classes and config {model.name!r} {model.num_classes}: give a "
-                    f"config (JSON path) with {report.num_classes} class_names, or allow_partial=True to leave the class heads untrained")
+            hint += (f"; the checkpoint has {report.num_classes} classes and config {model.name!r} {model.num_classes}: give a "
+                     f"config (JSON path) with {report.num_classes} class_names, or allow_partial=True to leave the class heads untrained")
         raise ConfigError(f"the checkpoint does not fit config {model.name!r} ({report.summary()}){hint}")
     with torch.no_grad():
         model.model.load_state_dict(fits, strict=False)
@@ -245,26 +192,28 @@ def load_official_checkpoint(path: str | Path | Mapping[str, torch.Tensor], conf
                              allow_partial: bool = False, *, name: str | None = None) -> DeployModel:
     """An official RT-DETR/RT-DETRv2 checkpoint (``.pth``: ``ema.module`` or ``model`` state dict) as a DeployModel.
 
-    ``path`` may also be a state dict already read (``name`` then names it in messages). ``config`` is a config
-    name or JSON path; without it the config is inferred from the checkpoint's shapes. The pickle is read with
-    ``weights_only=True``: checkpoints holding arbitrary objects are refused. The load's :class:`LoadReport`
-    is attached as ``model.load_report``.
+    ``path`` may also be a state dict already read (``name``, its file name, then names it in messages and
+    decides between variants the weights cannot tell apart). ``config`` is a config name or JSON path; without it
+    the config is inferred (:func:`infer_config`). The pickle is read with ``weights_only=True``: checkpoints
+    holding arbitrary objects are refused. The load's :class:`LoadReport` is attached as ``model.load_report``.
     """
     state = path if isinstance(path, Mapping) else _read_state_dict(Path(path))
     where = name or ("the state dict" if isinstance(path, Mapping) else str(path))
     if not looks_official(state):
         raise CheckpointError(f"{where}: not an official RT-DETR checkpoint (no decoder.dec_score_head.* / encoder.* keys); "
                               f"first keys: {', '.join(list(state)[:5])}")
+    check_expressible(state, where)
+    file_name = name if isinstance(path, Mapping) else (name or str(path))
     try:
-        cfg = load_config(config if config is not None else infer_config(state))
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        cfg = load_config(config if config is not None else infer_config(state, name=file_name))
+    except (CheckpointError, ConfigError) as e:
+        raise type(e)(f"{where}: {e}") from None
     found = checkpoint_model_type(state)
     if cfg.model_type != found:
         raise ConfigError(f"{where}: config {cfg.name!r} is {cfg.model_type} but the checkpoint is {found}")
     model = build_model(cfg)
     try:
-        model.load_report = load_official_state_dict(model, state, allow_partial=allow_partial)
+        model.load_report = load_official_state_dict(model, state, allow_partial=allow_partial, deployed_layers=deployed_layers(cfg))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return model

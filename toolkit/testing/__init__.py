@@ -1,4 +1,5 @@
-"""Test helpers for users' CPU tests: a faithful TensorRT test double (:func:`make_fake_tensorrt`).
+"""Test helpers for users' CPU tests: a faithful TensorRT test double (:func:`make_fake_tensorrt`), and seeded
+official-format RT-DETR weights (:mod:`toolkit.testing.official_weights`, imported on its own).
 
 Importing this package is light; the double imports ``onnx``/``onnxruntime`` only when it parses or runs.
 """
