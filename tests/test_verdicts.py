@@ -251,7 +251,9 @@ def _hf_reference(module, images, sizes_wh):
     """transformers' own postprocess (RTDetrImageProcessor), top-30 of the raw outputs, sizes as (h, w)."""
     from transformers import RTDetrImageProcessor
 
-    with torch.no_grad():
+    from toolkit.numerics import tf32
+
+    with torch.no_grad(), tf32(False):  # engines compute exact fp32 on CUDA too (cuDNN's default TF32 moves scores ~1e-3)
         raw = module.eval()(pixel_values=images)
     return RTDetrImageProcessor().post_process_object_detection(raw, threshold=0.0, target_sizes=sizes_wh.flip(1))
 
