@@ -166,6 +166,26 @@ def _build(name: str, model: Any, onnx_path: Path, workdir: Path, trt_module: An
     return load(built.path, backend=name, **options), ""
 
 
+def _model(checkpoint: Any, config: str | None, load_model: Any) -> Any:
+    """The torch model validate starts from: an exported ``.onnx`` names the checkpoint or config it came from
+    (rebuilt, weights hash checked); another built file cannot be validated stage by stage (refused with the fix)."""
+    from ..runtime.engine import detect_backend
+
+    native = detect_backend(checkpoint) if isinstance(checkpoint, (str, Path)) else "torch"
+    if native == "onnxruntime":
+        from ..builders.build import model_for_onnx
+        from ..integrity import check_onnx
+
+        if not Path(checkpoint).is_file():
+            raise InputError(f"{checkpoint}: no such ONNX file")
+        check_onnx(Path(checkpoint))
+        return model_for_onnx(checkpoint)
+    if native != "torch":
+        raise InputError(f"{checkpoint} is a built {native} file: validate runs every stage from the model, so give the "
+                         f"checkpoint, config name or exported .onnx it was built from (--backends {native} adds that stage)")
+    return load_model(checkpoint, config=config)
+
+
 def validate(
     checkpoint: Any,
     backends: Sequence[str] = ("torch", "onnxruntime"),
@@ -193,7 +213,7 @@ def validate(
     if unknown:
         raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from torch, onnxruntime, {', '.join(BUILT_BACKENDS)}")
     perturb = dict(perturb or {})
-    model = load_model(checkpoint, config=config)
+    model = _model(checkpoint, config, load_model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,129 @@
+"""Issue 17 "first run": eval/bench/validate take any artifact; an ONNX from --config NAME rebuilds its model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from toolkit.errors import InputError, ToolkitError
+
+
+@pytest.fixture(scope="module")
+def config_onnx(tmp_path_factory):
+    """What `rtdetr-deploy export --config tiny` writes: no checkpoint, the config's seeded weights."""
+    from toolkit.export.onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("cfg") / "tiny.onnx"
+    export_onnx(None, path, config="tiny", verify=False)
+    return path
+
+
+def test_eval_onnx_default_backends_runs_only_onnxruntime(tiny_onnx):
+    import onnxruntime as ort
+
+    from toolkit.tasks.evaluate import evaluate
+
+    report = evaluate(str(tiny_onnx), synthetic=4)
+    assert [r.backend for r in report.rows] == ["onnxruntime"] and report.rows[0].error is None
+    assert report.notes == []
+    # explicit torch: said once as a note in CLI words, not an error row
+    report = evaluate(str(tiny_onnx), synthetic=4, backends=("torch", "onnxruntime"))
+    assert [r.backend for r in report.rows] == ["onnxruntime"]
+    assert len(report.notes) == 1 and "--backends torch" in report.notes[0] and "{" not in report.notes[0]
+    # the mAP is that of plain ONNX Runtime on the same images (independent reference)
+    assert ort.InferenceSession(str(tiny_onnx)).get_inputs()[0].name  # the file is a plain ONNX Runtime model
+    with pytest.raises(InputError, match="--backends onnxruntime"):
+        evaluate(str(tiny_onnx), synthetic=2, backends=("torch",))
+
+
+@pytest.mark.slow  # CLI subprocess
+def test_eval_onnx_cli(tiny_onnx):
+    r = run_cli("eval", str(tiny_onnx), "--synthetic", "3")
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime" in r.stdout and "error" not in r.stdout
+    r = run_cli("eval", str(tiny_onnx), "--synthetic", "3", "--backends", "torch")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--backends onnxruntime" in r.stderr + r.stdout
+
+
+def test_config_onnx_rebuilds_exact_model(config_onnx):
+    """The ONNX from --config NAME records the config; the rebuilt model matches the file's outputs (ONNX Runtime)."""
+    import onnxruntime as ort
+
+    from toolkit.builders.build import model_for_onnx
+    from toolkit.export.verify import verification_images
+
+    meta = {p.key: p.value for p in onnx.load(str(config_onnx), load_external_data=False).metadata_props}
+    assert meta["source_config"] == "tiny" and "source" not in meta
+    deploy = model_for_onnx(config_onnx).eval()
+    images = verification_images(2, tuple(deploy.preprocess.size), seed=3)
+    sizes = torch.tensor([[640, 480], [320, 200]])
+    sess = ort.InferenceSession(str(config_onnx))
+    names = [i.name for i in sess.get_inputs()]
+    dtype = np.int64 if "int64" in sess.get_inputs()[1].type else np.int32
+    ref = sess.run(None, {names[0]: images.numpy(), names[1]: sizes.numpy().astype(dtype)})
+    with torch.no_grad():
+        out = deploy(images, sizes)
+    out = list(out.values()) if isinstance(out, dict) else list(out)
+    boxes_ref = next(a for a in ref if a.ndim == 3 and a.shape[-1] == 4)
+    boxes = next(t for t in out if t.ndim == 3 and t.shape[-1] == 4)
+    np.testing.assert_allclose(boxes.numpy(), boxes_ref, atol=0.05)  # pixels; another model is off by 100s
+
+
+def test_config_onnx_wrong_weights_refused_with_fix(config_onnx, tmp_path):
+    from toolkit.builders.build import model_for_onnx
+
+    m = onnx.load(str(config_onnx))
+    for p in m.metadata_props:
+        if p.key == "weights_sha256":
+            p.value = "0" * 64
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(ToolkitError, match="--model CHECKPOINT"):
+        model_for_onnx(bad)
+
+
+@pytest.mark.slow  # CLI subprocess
+def test_build_aoti_from_config_onnx_cli_refuses_tampered(config_onnx, tmp_path):
+    """CLI: a config ONNX whose weights record does not match is refused in one line (no AOTI compile here)."""
+    m = onnx.load(str(config_onnx))
+    for p in m.metadata_props:
+        if p.key == "weights_sha256":
+            p.value = "0" * 64
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    r = run_cli("build", str(bad), "--backend", "aoti", "-o", str(tmp_path / "x.pt2"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.pt2").exists()
+
+
+def test_bench_onnx_rebuilds_model_and_times_file(config_onnx, tmp_path):
+    from toolkit.tasks.bench import bench
+
+    report = bench(str(config_onnx), backends=("onnxruntime",), batches=(1,), warmup=1, iters=2, device="cpu",
+                   workdir=tmp_path, check_images=0, progress=False)
+    assert any(r.status == "ok" for r in report.rows)
+    assert any("rebuilt from config tiny" in n and "as given" in n for n in report.notes)
+    assert not list(tmp_path.glob("*.fp32.onnx"))  # the given file was timed, not a re-export
+
+
+def test_bench_and_validate_refuse_built_files_with_fix(tmp_path):
+    from toolkit.checks.validate import validate
+    from toolkit.tasks.bench import bench
+
+    pt2 = tmp_path / "m.pt2"
+    pt2.write_bytes(b"not read")
+    with pytest.raises(InputError, match="exported .onnx"):
+        bench(str(pt2), backends=("aoti",), batches=(1,), warmup=1, iters=1, check_images=0, progress=False)
+    with pytest.raises(InputError, match="exported .onnx"):
+        validate(str(pt2), backends=("torch", "aoti"))
+
+
+@pytest.mark.slow  # CLI subprocess
+def test_bench_cli_built_file_one_line(tmp_path):
+    pt2 = tmp_path / "m.pt2"
+    pt2.write_bytes(b"not read")
+    r = run_cli("bench", str(pt2), "--backends", "aoti", "--batch", "1", "--iters", "1", "--check-images", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "m.pt2" in r.stderr
