@@ -127,3 +127,34 @@ def test_bench_cli_built_file_one_line(tmp_path):
     pt2.write_bytes(b"not read")
     r = run_cli("bench", str(pt2), "--backends", "aoti", "--batch", "1", "--iters", "1", "--check-images", "0")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "m.pt2" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def onnx_two_sizes(tiny_model, tmp_path_factory):
+    from toolkit.export.onnx import export_onnx
+
+    d = tmp_path_factory.mktemp("sizes")
+    export_onnx(tiny_model, d / "s128.onnx", verify=False)
+    export_onnx(tiny_model, d / "s160.onnx", verify=False, size=(160, 160))
+    return d / "s128.onnx", d / "s160.onnx"
+
+
+def test_compare_different_input_sizes_says_so(onnx_two_sizes, tiny_onnx):
+    import toolkit
+
+    a, b = onnx_two_sizes
+    report = toolkit.compare(str(a), str(b))
+    assert any("input sizes differ" in n and "128x128" in n and "160x160" in n for n in report.notes), report.notes
+    if report.verdict == "disagree":  # honest: the reason points at the sizes, not at a backend
+        assert "input sizes" in report.reason
+    assert "input sizes differ" in report.markdown()
+    same = toolkit.compare(str(a), str(tiny_onnx))
+    assert not any("input sizes differ" in n for n in same.notes)
+
+
+@pytest.mark.slow  # CLI subprocess
+def test_compare_different_input_sizes_cli(onnx_two_sizes):
+    a, b = onnx_two_sizes
+    r = run_cli("compare", str(a), str(b))
+    assert r.returncode in (0, 1, 3) and "Traceback" not in r.stderr
+    assert "input sizes differ" in " ".join((r.stdout + r.stderr).split())
