@@ -158,3 +158,55 @@ def test_compare_different_input_sizes_cli(onnx_two_sizes):
     r = run_cli("compare", str(a), str(b))
     assert r.returncode in (0, 1, 3) and "Traceback" not in r.stderr
     assert "input sizes differ" in " ".join((r.stdout + r.stderr).split())
+
+
+ELAPSED = r"done \(\d+\.\d s\)"
+
+
+def test_validate_progress_each_stage(capsys):
+    import re
+
+    from toolkit.checks.validate import validate
+
+    validate(None, ("torch", "onnxruntime"), config="tiny", progress=True)
+    err = capsys.readouterr().err
+    for stage in ("torch stage", "onnxruntime stage: build and load", "onnxruntime stage: run and judge"):
+        assert re.search(rf"validate: {re.escape(stage)} ...", err), err
+        assert re.search(rf"validate: {re.escape(stage)} {ELAPSED}", err), err
+
+
+@pytest.mark.slow  # CLI subprocess
+def test_validate_progress_cli_without_terminal():
+    import re
+
+    r = run_cli("validate", "--config", "tiny", "--backends", "torch,onnxruntime")  # stdout/stderr are pipes
+    assert "Traceback" not in r.stderr
+    assert re.search(rf"validate: onnxruntime stage: run and judge {ELAPSED}", r.stderr), r.stderr
+
+
+def test_eval_progress_lines_with_elapsed(tiny_onnx):
+    import re
+
+    from toolkit.tasks.evaluate import evaluate
+
+    lines: list[str] = []
+    evaluate(str(tiny_onnx), synthetic=2, progress=True, say=lines.append)
+    assert lines[0] == "onnxruntime: 2 images ..."
+    assert re.fullmatch(r"onnxruntime: mAP \d\.\d{4} \(\d+\.\d s\)", lines[1]), lines
+
+
+def test_demo_steps_print_start_and_elapsed():
+    """The demo's steps (build, COCO evaluation) go through Steps into the demo's own output lines."""
+    import re
+
+    from toolkit.progress import Steps
+    from toolkit.tasks.demo import _Say
+
+    lines: list[str] = []
+    steps = Steps("demo", stream=_Say(lines.append), heartbeat_s=0.05)
+    import time
+    with steps.step("[2] build engines"):
+        time.sleep(0.12)
+    assert lines[0] == "demo: [2] build engines ..."
+    assert any(line.startswith("demo: still [2] build engines (") for line in lines[1:-1])  # heartbeat while it runs
+    assert re.fullmatch(rf"demo: \[2\] build engines {ELAPSED}", lines[-1])

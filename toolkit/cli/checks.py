@@ -47,7 +47,8 @@ def validate(
     that could not be judged (exit 3)."""
     from ..checks.validate import validate as validate_stages
 
-    result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config)
+    result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config,
+                            progress=True)
     if report is not None:
         result.write(report)
     console.print(result.table())

@@ -190,18 +190,22 @@ def _run_engine(engine: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -
 def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, synthetic: int | None = None,
              backends: Sequence[str] | None = None, device: str | torch.device | None = None, *,
              batch_size: int = 16, tolerance: float = 0.5, seed: int = SYNTHETIC_SEED, size: int | None = None,
-             progress: bool = False) -> EvalReport:
+             progress: bool = False, say: Any = None) -> EvalReport:
     """COCO mAP of a model (anything :func:`toolkit.load` takes, an Engine, or a {backend: engine or file} map)
     on each backend, over ``data_dir`` (COCO JSON / dataset root) or ``synthetic`` N fresh shapes images.
 
     ``backends`` None: every backend that can run the source (a built file: its own; a checkpoint: torch and
-    onnxruntime). Backends given that cannot run a file are left out with a note, not an error row."""
+    onnxruntime). Backends given that cannot run a file are left out with a note, not an error row.
+    ``progress``: a line per backend when it starts and when it ends (mAP, elapsed time), on stderr or to ``say``."""
     from ..runtime.preprocessing import engine_preprocess, preprocess, read_image
 
     if (data_dir is None) == (synthetic is None):
         raise InputError("give either data_dir or synthetic=N")
     if synthetic is not None and (isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 1):
         raise InputError(f"--synthetic takes a number of images of at least 1, got {synthetic!r}")
+    def tell(line: str) -> None:
+        (say or (lambda text: print(f"eval: {text}", file=sys.stderr, flush=True)))(line)
+
     notes: list[str] = []
     if not isinstance(model_or_engine_source, Mapping) and not hasattr(model_or_engine_source, "infer"):
         backends, notes = runnable_backends(model_or_engine_source, None if backends is None else list(backends))
@@ -235,6 +239,9 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
             key = (spec, step)
             if key not in cache:
                 cache[key] = [preprocess(raw[i:i + step], spec) for i in range(0, len(raw), step)]
+            started = time.perf_counter()
+            if progress:
+                tell(f"{backend}: {len(paths)} images ...")
             try:
                 dets, elapsed = _run_engine(engine, cache[key])
             except Exception as e:
@@ -246,7 +253,7 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
             m = coco_map(gt, results)
             rows.append(EvalRow(backend, m["mAP"], m["mAP50"], m["mAP75"], len(paths) / max(elapsed, 1e-9), str(engine.device)))
             if progress:
-                print(f"{backend}: mAP {m['mAP']:.4f}", file=sys.stderr)
+                tell(f"{backend}: mAP {m['mAP']:.4f} ({time.perf_counter() - started:.1f} s)")
             close = getattr(engine, "close", None)
             if close is not None and engine is not model_or_engine_source:
                 close()
