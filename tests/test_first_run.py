@@ -210,3 +210,47 @@ def test_demo_steps_print_start_and_elapsed():
     assert lines[0] == "demo: [2] build engines ..."
     assert any(line.startswith("demo: still [2] build engines (") for line in lines[1:-1])  # heartbeat while it runs
     assert re.fullmatch(rf"demo: \[2\] build engines {ELAPSED}", lines[-1])
+
+
+def _filled_label_pixels(image: torch.Tensor, color: str, box_top: int, x0: int, x1: int) -> int:
+    rgb = torch.tensor([int(color[i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8).view(3, 1, 1)
+    region = image[:, :box_top, x0:x1]  # above the box: only the label box is drawn there
+    return int((region == rgb).all(0).sum())
+
+
+@pytest.mark.parametrize("side", [160, 800])
+def test_draw_label_box_filled_and_scaled(side):
+    from toolkit.runtime.detections import PALETTE, Detections, draw, label_font_size
+
+    image = torch.zeros(3, side, side, dtype=torch.uint8)
+    top = side // 2
+    dets = Detections(torch.tensor([1]), torch.tensor([[side * 0.2, top, side * 0.8, side * 0.9]]), torch.tensor([0.9]))
+    out = draw(image, dets, ["cat", "dog"])
+    assert out.shape == image.shape and out.dtype == torch.uint8
+    font = label_font_size(side, side)
+    filled = _filled_label_pixels(out, PALETTE[1], top, 0, side)
+    assert filled >= 4 * font * font  # a filled box at least about a line of text tall and a few letters wide
+    assert font >= 12 and (side < 400 or font >= 20)  # the font grows with the image
+
+
+def test_compare_pictures_captioned_for_disagreeing_and_some_agreeing(tiny_onnx, tmp_path):
+    """Side-by-side pictures: one per disagreeing image, plus a few agreeing ones; each with a caption strip."""
+    from torchvision.io import read_image
+
+    import toolkit
+    from tests.conftest import shifted_engine
+    from toolkit.checks.sides import synthetic_images
+
+    (tmp_path / "imgs").mkdir()
+    paths = synthetic_images(tmp_path / "imgs")
+    same = toolkit.compare(str(tiny_onnx), str(tiny_onnx), paths, report_dir=tmp_path / "same")
+    pics = sorted((tmp_path / "same" / "images").glob("*.compare.png"))
+    assert same.ok and len(pics) == min(3, len(paths))  # agreeing images: a few, not all
+    pic, src = read_image(str(pics[0])), read_image(str(paths[0]))
+    assert pic.shape[2] > 2 * src.shape[2] and pic.shape[1] > src.shape[1]  # two halves side by side, a caption strip on top
+    strip = pic[:, : pic.shape[1] - src.shape[1]]
+    assert (strip == 32).all(0).float().mean() > 0.5 and (strip > 200).any()  # dark strip with white caption text
+    shifted = shifted_engine(toolkit.load(str(tiny_onnx)), 40.0)
+    bad = toolkit.compare(toolkit.load(str(tiny_onnx)), shifted, paths, report_dir=tmp_path / "bad")
+    n_bad = sum(not s.ok for s in bad.images)
+    assert n_bad and len(list((tmp_path / "bad" / "images").glob("*.compare.png"))) == n_bad + min(3, len(paths) - n_bad)
