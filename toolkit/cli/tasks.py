@@ -49,7 +49,7 @@ def run(
 
 @app.command()
 def bench(
-    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint or config name (random weights are fine for speed)."),
+    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint, config name (random weights are fine for speed) or an exported .onnx (its model is rebuilt)."),
     backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt,torch-compile", help="Comma-separated backends (torch-compile: the torch.compile peer)."),
     batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16."),
