@@ -114,11 +114,16 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
         raise BuildError(f"{onnx_path}: not a readable ONNX file ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     hint = "give the model instead: rtdetr-deploy build --backend BACKEND --model CHECKPOINT -o OUTPUT"
     source = meta.get("source")
+    if not source and meta.get("source_config"):  # exported from --config NAME: its seeded weights are rebuilt
+        source = f"--config {meta['source_config']}"
+        load = lambda: load_model(None, config=meta["source_config"])  # noqa: E731
+    else:
+        load = lambda: load_model(source, config=meta.get("source_config"))  # noqa: E731
     if not source:
         raise BuildError(f"{onnx_path} does not name the model it was exported from (exported from an in-memory module, "
                          f"or by another tool); {hint}")
     try:
-        deploy = load_model(source, config=meta.get("source_config"))
+        deploy = load()
     except (ToolkitError, OSError) as e:
         raise BuildError(f"{onnx_path} was exported from {source}, which cannot be loaded here ({e}); {hint}") from None
     size = tuple(json.loads(meta.get("input_size", "null")) or deploy.preprocess.size)
@@ -127,7 +132,7 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
 
         deploy = _resize_model(deploy, size)  # type: ignore[arg-type]
     if meta.get("weights_sha256") != weights_sha256(deploy):
-        why = ("the config's generated weights are not those of the toolkit version that exported it" if not Path(source).exists()
+        why = ("the config's generated weights are not those of the toolkit version that exported it" if not Path(str(source)).exists()
                else "the checkpoint changed since the export")
         raise BuildError(f"{onnx_path} was exported from {source}, but the weights there are not the exported ones ({why}); {hint}")
     return deploy

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..atomic import write_text
 from ..errors import InputError
+from ..signature import INPUT_IMAGES
 from .matching import TIE_GAP, Thresholds, match_image
 from .report import CompareReport, _draw_disagreements
 from .sentinels import Finding, check_empty, check_outputs
@@ -100,6 +101,9 @@ def judge(side_a: Side, side_b: Side, score_threshold: float, thresholds: Thresh
                      f"score >= {score_threshold}")
         stats, compared = retry, sum(s.matched for s in retry)
     notes = _random_weight_notes(side_a, side_b)
+    sizes_differ = _input_size_note(side_a, side_b)
+    if sizes_differ:
+        notes.append(sizes_differ)
     non_finite = [f for f in findings if f.check == "non_finite"]
     others = [f for f in findings if f.check != "non_finite"]
     bad = [s for s in stats if not s.ok]
@@ -109,6 +113,8 @@ def judge(side_a: Side, side_b: Side, score_threshold: float, thresholds: Thresh
         verdict, reason = "inconclusive", f"NaN or Inf in the outputs: {non_finite[0].message}"
     elif bad:
         verdict, reason = "disagree", f"{len(bad)} of {len(stats)} images disagree"
+        if sizes_differ:
+            reason += " (the two models take different input sizes: see the note)"
         gap = _gap(side_a, side_b)
         if gap is not None and gap < TIE_GAP:
             verdict = "inconclusive"
@@ -143,6 +149,20 @@ def _random_weight_notes(a: Side, b: Side) -> list[str]:
                 "this checks the deployment path, not a trained model's boxes"]
     return [f"{s.name} runs generated random weights ({s.random_weights}): its boxes mean nothing about accuracy"
             for s in (a, b) if s.random_weights]
+
+
+def _input_size_note(a: Side, b: Side) -> str:
+    """A note when the two sides resize images to different input sizes (H x W): then their boxes differ by the
+    models, not by a deployment fault, and a verdict must say so."""
+    def size(s: Side) -> tuple[int, int] | None:
+        if s.inputs is not None and INPUT_IMAGES in s.inputs:
+            return tuple(int(v) for v in s.inputs[INPUT_IMAGES].shape[-2:])  # type: ignore[return-value]
+        return None
+    sa, sb = size(a), size(b)
+    if sa is None or sb is None or sa == sb:
+        return ""
+    return (f"input sizes differ: {a.name} takes {sa[0]}x{sa[1]}, {b.name} {sb[0]}x{sb[1]} (H x W); each sees the images "
+            "resized to its own size, so the boxes compare two different models, not one model on two backends")
 
 
 def _gap(a: Side, b: Side) -> float | None:

@@ -132,9 +132,16 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _draw_disagreements(a: Side, b: Side, stats: list[ImageStats], score_threshold: float, out: Path) -> list[Path]:
+AGREEING_PICTURES = 3  # side-by-side pictures of agreeing images too: what agreement looks like
+
+
+def _draw_disagreements(a: Side, b: Side, stats: list[ImageStats], score_threshold: float, out: Path,
+                        agreeing: int = AGREEING_PICTURES) -> list[Path]:
+    """Side-by-side pictures (A left, B right, each captioned with its side's name) of every disagreeing image
+    and of the first ``agreeing`` agreeing ones, as ``images/NAME.compare.png``."""
     from torchvision.io import write_png
 
+    from ..runtime.detections import captioned
     from ..runtime.preprocessing import read_image
 
     paths = a.paths or b.paths
@@ -143,13 +150,19 @@ def _draw_disagreements(a: Side, b: Side, stats: list[ImageStats], score_thresho
     names = a.class_names or b.class_names
     files = []
     (out / "images").mkdir(parents=True, exist_ok=True)
+    shown_ok = 0
     for s, path, da, db in zip(stats, paths, a.detections, b.detections):
         if s.ok:
-            continue
+            if shown_ok >= agreeing:
+                continue
+            shown_ok += 1
         image = read_image(path)
         left, right = (draw(image, _valid(d, score_threshold).above(score_threshold), names) for d in (da, db))
+        verdict = "agree" if s.ok else "DISAGREE"
+        left, right = captioned(left, f"A: {a.name} ({verdict})"), captioned(right, f"B: {b.name}")
+        gap = torch.full((3, left.shape[1], max(4, left.shape[2] // 100)), 255, dtype=torch.uint8)
         target = out / "images" / f"{path.stem}.compare.png"
         with atomic_path(target) as tmp:
-            write_png(torch.cat([left, right], dim=2), str(tmp))
+            write_png(torch.cat([left, gap, right], dim=2), str(tmp))
         files.append(target)
     return files

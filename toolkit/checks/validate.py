@@ -166,6 +166,26 @@ def _build(name: str, model: Any, onnx_path: Path, workdir: Path, trt_module: An
     return load(built.path, backend=name, **options), ""
 
 
+def _model(checkpoint: Any, config: str | None, load_model: Any) -> Any:
+    """The torch model validate starts from: an exported ``.onnx`` names the checkpoint or config it came from
+    (rebuilt, weights hash checked); another built file cannot be validated stage by stage (refused with the fix)."""
+    from ..runtime.engine import detect_backend
+
+    native = detect_backend(checkpoint) if isinstance(checkpoint, (str, Path)) else "torch"
+    if native == "onnxruntime":
+        from ..builders.build import model_for_onnx
+        from ..integrity import check_onnx
+
+        if not Path(checkpoint).is_file():
+            raise InputError(f"{checkpoint}: no such ONNX file")
+        check_onnx(Path(checkpoint))
+        return model_for_onnx(checkpoint)
+    if native != "torch":
+        raise InputError(f"{checkpoint} is a built {native} file: validate runs every stage from the model, so give the "
+                         f"checkpoint, config name or exported .onnx it was built from (--backends {native} adds that stage)")
+    return load_model(checkpoint, config=config)
+
+
 def validate(
     checkpoint: Any,
     backends: Sequence[str] = ("torch", "onnxruntime"),
@@ -177,13 +197,15 @@ def validate(
     thresholds: Thresholds = Thresholds(),
     perturb: Mapping[str, Perturb] | None = None,
     trt_module: Any = None,
+    progress: bool = False,
 ) -> ValidateReport:
     """Run every stage of the deployment path on the same images and judge each; see the module docstring.
 
     ``checkpoint``: anything :func:`toolkit.models.loading.load_model` accepts (``config`` for a weights file or a
     config name with random weights). ``workdir`` keeps the exported and built files (a temporary
     directory, deleted afterwards, when None). The torch stage always runs: it is the reference. ``trt_module``
-    injects a TensorRT module (e.g. :func:`toolkit.testing.fake_tensorrt.make_fake_tensorrt`).
+    injects a TensorRT module (e.g. :func:`toolkit.testing.fake_tensorrt.make_fake_tensorrt`). ``progress``: a
+    line on stderr when each stage starts and ends, with its elapsed time (builds take minutes).
     """
     from ..export.onnx import export_onnx
     from ..models.loading import load_model
@@ -192,8 +214,12 @@ def validate(
     unknown = [b for b in backends if b not in ("torch", "onnxruntime", *BUILT_BACKENDS)]
     if unknown:
         raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from torch, onnxruntime, {', '.join(BUILT_BACKENDS)}")
+    from ..progress import Steps
+
     perturb = dict(perturb or {})
-    model = load_model(checkpoint, config=config)
+    steps = Steps("validate", enabled=progress)
+    with steps.step("loading the model"):
+        model = _model(checkpoint, config, load_model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -220,7 +246,8 @@ def validate(
                 side.detections = split_batch(perturb[name](out))
             return side
 
-        torch_side = run_stage("torch", load(model, backend="torch", device="cpu"))
+        with steps.step("torch stage"):
+            torch_side = run_stage("torch", load(model, backend="torch", device="cpu"))
         fired = check_outputs("torch", torch_side.detections, keys, score_threshold=score_threshold,
                               sizes_wh=torch_side.sizes_wh, num_classes=model.num_classes, sizes_dtype=torch_side.sizes_dtype)
         only_nan = bool(fired) and all(f.check == "non_finite" for f in fired)  # NaN/Inf: nothing can be judged
@@ -231,21 +258,24 @@ def validate(
         for name in [b for b in ("onnxruntime", *BUILT_BACKENDS) if b in backends]:
             try:
                 if not onnx_path.exists():  # every later stage is built from the exported file
-                    export_onnx(model, onnx_path)
-                if name == "onnxruntime":
-                    engine: BaseEngine | None = load(onnx_path, backend="onnxruntime", device="cpu")
-                    why = ""
-                else:
-                    engine, why = _build(name, model, onnx_path, work, trt_module)
+                    with steps.step("export to ONNX"):
+                        export_onnx(model, onnx_path)
+                with steps.step(f"{name} stage: build and load"):
+                    if name == "onnxruntime":
+                        engine: BaseEngine | None = load(onnx_path, backend="onnxruntime", device="cpu")
+                        why = ""
+                    else:
+                        engine, why = _build(name, model, onnx_path, work, trt_module)
             except ToolkitError as e:
                 stages.append(StageResult(name, "fail", f"{e.__class__.__name__}: {str(e).splitlines()[0]}"))
                 continue
             if engine is None:
                 stages.append(StageResult(name, "skipped", why))
                 continue
-            side = run_stage(name, engine)
-            vs_prev = judge(previous, side, score_threshold, thresholds)
-            vs_torch = vs_prev if previous is torch_side else judge(torch_side, side, score_threshold, thresholds)
+            with steps.step(f"{name} stage: run and judge"):
+                side = run_stage(name, engine)
+                vs_prev = judge(previous, side, score_threshold, thresholds)
+                vs_torch = vs_prev if previous is torch_side else judge(torch_side, side, score_threshold, thresholds)
             failed = [r for r in (vs_prev, vs_torch) if r.verdict == "disagree"]
             unjudged = [r for r in (vs_prev, vs_torch) if r.verdict == "inconclusive"]
             worst = failed or unjudged

@@ -36,7 +36,7 @@ def compare(
 
 @app.command()
 def validate(
-    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint directory or weights file; omit to use --config with random weights."),
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint directory, weights file or exported .onnx (its model is rebuilt); omit to use --config with random weights."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Config name (or JSON path)."),
     backends: str = typer.Option("torch,onnxruntime", help="Comma-separated stages after preprocess: torch,onnxruntime,aoti,tensorrt."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image files or directories (default: synthetic images)."),
@@ -47,7 +47,8 @@ def validate(
     that could not be judged (exit 3)."""
     from ..checks.validate import validate as validate_stages
 
-    result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config)
+    result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config,
+                            progress=True)
     if report is not None:
         result.write(report)
     console.print(result.table())

@@ -49,7 +49,7 @@ def run(
 
 @app.command()
 def bench(
-    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint or config name (random weights are fine for speed)."),
+    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint, config name (random weights are fine for speed) or an exported .onnx (its model is rebuilt)."),
     backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt,torch-compile", help="Comma-separated backends (torch-compile: the torch.compile peer)."),
     batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16."),
@@ -107,7 +107,8 @@ def eval_(
     model: str = typer.Argument(..., help="Checkpoint dir, weights file, config name, .onnx/.engine/.pt2 file."),
     data: Optional[Path] = typer.Option(None, help="COCO JSON, or a dataset root with val.json."),
     synthetic: Optional[int] = typer.Option(None, help="Evaluate on N fresh shapes images from an unseen seed (default 500)."),
-    backends: str = typer.Option("torch,onnxruntime", help="Comma-separated backends."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: those that can run MODEL: "
+                                           "torch,onnxruntime for a checkpoint, the file's own for a built file)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     tolerance: float = typer.Option(0.5, help="mAP points the backends may differ by."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
@@ -118,7 +119,8 @@ def eval_(
 
     if data is None and synthetic is None:
         synthetic = 500
-    report = evaluate(model, data, synthetic, tuple(b for b in backends.split(",") if b), device, tolerance=tolerance, progress=True)
+    chosen = tuple(b for b in backends.split(",") if b) if backends is not None else None
+    report = evaluate(model, data, synthetic, chosen, device, tolerance=tolerance, progress=True)
     console.print(escape(report.table()), highlight=False)
     if json_path is not None:
         write_text(json_path, json.dumps(report.to_dict(), indent=1))

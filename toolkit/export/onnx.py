@@ -67,6 +67,9 @@ def _source_metadata(model: Any, config: str | None) -> dict[str, str]:
         path = Path(model)
         source = str(path.resolve()) if path.exists() else str(model)
         return {"source": source, **({"source_config": str(config)} if config is not None else {})}
+    if model is None and config is not None:  # a config's generated weights: deterministic, rebuilt from the name
+        path = Path(str(config))
+        return {"source_config": str(path.resolve()) if path.is_file() else str(config)}
     return {}
 
 

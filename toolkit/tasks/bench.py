@@ -239,6 +239,38 @@ def check_bench_arguments(batches: Sequence[int], warmup: int, iters: int, check
             raise InputError(f"{name} must be integers of at least {least}, got {', '.join(map(repr, values))}")
 
 
+def _bench_model(model: Any, config: str | None) -> tuple[Any, tuple[Path, str] | None, str]:
+    """The model bench builds every backend from, the given ONNX file (path, precision) if any, and a note.
+
+    bench needs the torch model (it exports and compiles per backend): an exported ``.onnx`` names the
+    checkpoint or config it came from, which is rebuilt (its weights hash checked against the file's record);
+    other built files (.pt2, .engine, .ep, a served model) are refused with the fix."""
+    from ..runtime.engine import detect_backend
+
+    native = detect_backend(model) if isinstance(model, (str, Path)) else "torch"
+    if native == "onnxruntime":
+        import onnx
+
+        from ..builders.build import model_for_onnx
+        from ..integrity import check_onnx
+
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"{path}: no such ONNX file")
+        check_onnx(path)
+        deploy = model_for_onnx(path).eval()
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        origin = meta.get("source") or f"config {meta.get('source_config')}"
+        return deploy, (path, meta.get("precision", "fp32")), (
+            f"{path}: bench needs the torch model, rebuilt from {origin} (weights match the file's record); "
+            f"the onnxruntime {meta.get('precision', 'fp32')} rows run {path.name} as given")
+    if native != "torch":
+        raise InputError(f"{model} is a built {native} file: bench builds every backend from the model, so give the "
+                         "checkpoint, the config name or the exported .onnx it was built from (rtdetr-deploy bench "
+                         f"MODEL --backends {native}); to time this file as given: rtdetr-deploy validate {model}")
+    return load_model(model, config=config, seed=0).eval(), None, ""  # a config name: the same random weights every run
+
+
 def bench(
     model: Any,
     *,
@@ -273,14 +305,18 @@ def bench(
     from tqdm import tqdm
 
     dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    deploy = load_model(model, config=config, seed=0).eval()  # a config name: the same random weights every run
+    deploy, given_onnx, source_note = _bench_model(model, config)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rtdetr-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     artifacts = _Artifacts(deploy, work, dev, max(batches), aoti_configs, buckets=batches)
+    if given_onnx is not None:  # the onnxruntime rows at the file's precision time the file as given
+        artifacts._onnx[given_onnx[1]] = given_onnx[0]
     checker = _Artifacts(load_model(check_model).eval(), work / "check", dev, 8, aoti_configs) if check_model is not None else None
     if checker is not None:
         checker.workdir.mkdir(exist_ok=True)
     report = BenchReport([], environment(dev))
+    if source_note:
+        report.notes.append(source_note)
     if aoti_configs:
         report.environment["aoti_configs"] = dict(aoti_configs)
     if checker is None:

@@ -80,6 +80,7 @@ def demo(output_dir: str | Path = "runs/demo", *, model_dir: str | Path | None =
 
     ``say`` receives one line per step (progress)."""
     from .. import load
+    from ..progress import Steps
     from ..checks.compare import compare
     from ..data import make_shapes_dataset
     from ..export.onnx import export_onnx
@@ -92,10 +93,13 @@ def demo(output_dir: str | Path = "runs/demo", *, model_dir: str | Path | None =
     report = DemoReport(out, str(dev))
     model_dir = Path(model_dir) if model_dir is not None else fixture_path()
 
+    steps = Steps("demo", stream=_Say(say))
+
     def step(name: str, fn: Callable[[], Any]) -> Any:
-        say(f"[{len(report.steps) + 1}] {name} ...")
+        """A line when the step starts, "still ..." every 30 s while it runs, and one with its elapsed time."""
         start = time.perf_counter()
-        result = fn()
+        with steps.step(f"[{len(report.steps) + 1}] {name}"):
+            result = fn()
         report.steps.append((name, time.perf_counter() - start))
         return result
 
@@ -116,13 +120,28 @@ def demo(output_dir: str | Path = "runs/demo", *, model_dir: str | Path | None =
         say(f"    {rep.summary().splitlines()[0]}")
     sources = {"onnxruntime": ort, **{b: load(p, backend=b, device=dev) for b, p in engines.items()},
                "torch": load(model_dir, backend="torch", device=dev)}
-    ev = step("COCO evaluation", lambda: evaluate(sources, synthetic=eval_images, device=dev))
+    ev = step("COCO evaluation", lambda: evaluate(sources, synthetic=eval_images, device=dev, progress=True,
+                                                  say=lambda line: say(f"    {line}")))
     report.eval_table, report.eval_agree = ev.table(), ev.agree
     write_text(out / "report.md", report.markdown())
     write_text(out / "report.json", json.dumps({"ok": report.ok, "device": report.device, "engines": report.engines,
                                                  "skipped": report.skipped, "compare": report.compare,
                                                  "eval": ev.to_dict(), "steps": report.steps}, indent=1))
     return report
+
+
+class _Say:
+    """A text stream over ``say``: progress lines (:class:`toolkit.progress.Steps`) go where the demo's lines go."""
+
+    def __init__(self, say: Callable[[str], Any]) -> None:
+        self._say = say
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            self._say(line)
+
+    def flush(self) -> None:
+        pass
 
 
 def _ort_cuda() -> bool:

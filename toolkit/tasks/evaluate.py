@@ -75,6 +75,7 @@ class EvalReport:
     max_difference: float = 0.0  # mAP points between the best and worst backend
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. a backend left out because it cannot run the file
 
     def row(self, backend: str) -> EvalRow:
         return next(r for r in self.rows if r.backend == backend)
@@ -89,7 +90,7 @@ class EvalReport:
                 lines.append(f"{r.backend:<14}{r.device:<10}  error: {r.error}")
             else:
                 lines.append(f"{r.backend:<14}{r.device:<10}{r.mAP:>8.4f}{r.mAP50:>8.4f}{r.mAP75:>8.4f}{r.images_per_second:>10.1f}")
-        return "\n".join(lines + [f"{self.num_images} images ({self.data}); {self.message}"])
+        return "\n".join(lines + [f"{self.num_images} images ({self.data}); {self.message}"] + [f"note: {n}" for n in self.notes])
 
 
 def _load_dataset(data_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
@@ -104,6 +105,26 @@ def _load_dataset(data_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
     if missing:
         raise InputError(f"{ann}: {len(missing)} image files are missing, e.g. {missing[0]}")
     return gt, paths
+
+
+def runnable_backends(source: Any, backends: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The backends of ``backends`` that can run ``source`` (all that can where None), and a note (in CLI words)
+    for each left out: a built file runs on its own backend only, a checkpoint on torch and onnxruntime (exported
+    on the fly). None left is an :class:`InputError` that says which ``--backends`` would work."""
+    from ..runtime.engine import detect_backend
+
+    native = detect_backend(source)
+    can = ("torch", "onnxruntime") if native == "torch" else (native,)
+    if backends is None:
+        return list(can), []
+    keep = [b for b in backends if b in can]
+    what = str(source) if native != "torch" else "a checkpoint or config"
+    notes = [f"--backends {b} left out: {what} runs on {', '.join(can)} only" + (
+             " (pass the checkpoint or config it was built from to evaluate torch too)" if native != "torch" else "")
+             for b in backends if b not in can]
+    if not keep:
+        raise InputError(f"none of --backends {','.join(backends)} can run {what}: use --backends {','.join(can)}")
+    return keep, notes
 
 
 def _engines(source: Any, backends: Sequence[str], device: str | torch.device | None, work: Path) -> list[tuple[str, Any]]:
@@ -131,8 +152,8 @@ def _engines(source: Any, backends: Sequence[str], device: str | torch.device | 
                 export_onnx(deploy.cpu(), path, verify=False)
                 return load(path, backend="onnxruntime", device=device)
             out.append((b, _try(export)))
-        else:
-            out.append((b, RuntimeError(f"cannot run a {native} source on {b}: build a {b} file and pass {{'{b}': path}}")))
+        else:  # runnable_backends leaves these out before; kept for direct callers
+            out.append((b, InputError(f"{source} cannot run on {b}: build a {b} file (rtdetr-deploy build --backend {b})")))
     return out
 
 
@@ -167,17 +188,29 @@ def _run_engine(engine: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -
 
 
 def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, synthetic: int | None = None,
-             backends: Sequence[str] = ("torch", "onnxruntime"), device: str | torch.device | None = None, *,
+             backends: Sequence[str] | None = None, device: str | torch.device | None = None, *,
              batch_size: int = 16, tolerance: float = 0.5, seed: int = SYNTHETIC_SEED, size: int | None = None,
-             progress: bool = False) -> EvalReport:
+             progress: bool = False, say: Any = None) -> EvalReport:
     """COCO mAP of a model (anything :func:`toolkit.load` takes, an Engine, or a {backend: engine or file} map)
-    on each backend, over ``data_dir`` (COCO JSON / dataset root) or ``synthetic`` N fresh shapes images."""
+    on each backend, over ``data_dir`` (COCO JSON / dataset root) or ``synthetic`` N fresh shapes images.
+
+    ``backends`` None: every backend that can run the source (a built file: its own; a checkpoint: torch and
+    onnxruntime). Backends given that cannot run a file are left out with a note, not an error row.
+    ``progress``: a line per backend when it starts and when it ends (mAP, elapsed time), on stderr or to ``say``."""
     from ..runtime.preprocessing import engine_preprocess, preprocess, read_image
 
     if (data_dir is None) == (synthetic is None):
         raise InputError("give either data_dir or synthetic=N")
     if synthetic is not None and (isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 1):
         raise InputError(f"--synthetic takes a number of images of at least 1, got {synthetic!r}")
+    def tell(line: str) -> None:
+        (say or (lambda text: print(f"eval: {text}", file=sys.stderr, flush=True)))(line)
+
+    notes: list[str] = []
+    if not isinstance(model_or_engine_source, Mapping) and not hasattr(model_or_engine_source, "infer"):
+        backends, notes = runnable_backends(model_or_engine_source, None if backends is None else list(backends))
+    elif backends is None:
+        backends = ("torch", "onnxruntime")
     with tempfile.TemporaryDirectory(prefix="rtdetr-eval-") as tmp:
         work = Path(tmp)
         engines = _engines(model_or_engine_source, backends, device, work)
@@ -206,6 +239,9 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
             key = (spec, step)
             if key not in cache:
                 cache[key] = [preprocess(raw[i:i + step], spec) for i in range(0, len(raw), step)]
+            started = time.perf_counter()
+            if progress:
+                tell(f"{backend}: {len(paths)} images ...")
             try:
                 dets, elapsed = _run_engine(engine, cache[key])
             except Exception as e:
@@ -217,7 +253,7 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
             m = coco_map(gt, results)
             rows.append(EvalRow(backend, m["mAP"], m["mAP50"], m["mAP75"], len(paths) / max(elapsed, 1e-9), str(engine.device)))
             if progress:
-                print(f"{backend}: mAP {m['mAP']:.4f}", file=sys.stderr)
+                tell(f"{backend}: mAP {m['mAP']:.4f} ({time.perf_counter() - started:.1f} s)")
             close = getattr(engine, "close", None)
             if close is not None and engine is not model_or_engine_source:
                 close()
@@ -232,4 +268,4 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
         message = f"backends agree: mAP within {diff:.2f} points (tolerance {tolerance})"
     else:
         message = f"backends DISAGREE: mAP differs by {diff:.2f} points (tolerance {tolerance})"
-    return EvalReport(rows, len(paths), data, tolerance, agree, round(diff, 4), message)
+    return EvalReport(rows, len(paths), data, tolerance, agree, round(diff, 4), message, notes=notes)
