@@ -165,3 +165,49 @@ def test_load_model_of_a_transformers_module_uses_the_family_wrapper(name, mode,
         assert torch.allclose(out["scores"][i, :k], ref[i]["scores"], atol=1e-5)
         assert torch.equal(out["labels"][i, :k], ref[i]["labels"])
         assert torch.allclose(out["boxes"][i, :k], ref[i]["boxes"], atol=1e-3)
+
+
+# --- Hugging Face directories, CLI, torch.export ---------------------------------------------------------------
+
+def test_hf_directory_round_trip(mini_models, tmp_path):
+    from toolkit.models.loading import load_model, save_model
+
+    for name in MINI:
+        model = mini_models[name]
+        loaded = load_model(save_model(model, tmp_path / name))
+        assert loaded.preprocess == model.preprocess  # normalization comes back from the family
+        images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+        sizes = torch.tensor([[200, 100]])
+        with torch.inference_mode():
+            for a, b in zip(model(images, sizes), loaded(images, sizes)):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_cli_export_by_config_name(tmp_path):
+    import json
+
+    import onnx
+
+    from tests.conftest import run_cli
+
+    r = run_cli("export", "--config", "rfdetr_mini", "-o", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["config_name"] == "rfdetr_mini"
+    assert tuple(map(tuple, json.loads(meta["preprocess"])["in_model_normalization"])) == IMAGENET
+
+
+@pytest.mark.parametrize("name", MINI)
+def test_torch_export_dynamic_batch(mini_models, name):
+    """The family's torch.export patches keep the batch symbolic: batch 3 through a program exported at 2."""
+    from toolkit.builders.aoti import _example_inputs, _export
+
+    model = mini_models[name]
+    program = _export(model, _example_inputs(model, 1, 2, 4, "cpu"), 1, 4)
+    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    sizes = torch.tensor([[128, 128], [64, 96], [300, 200]])
+    with torch.inference_mode():
+        ref = model(images, sizes)
+    got = program.module()(images, sizes)
+    assert torch.equal(got[0], ref[0]) and torch.allclose(got[1], ref[1], atol=1e-3) and torch.allclose(got[2], ref[2], atol=1e-5)
