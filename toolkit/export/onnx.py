@@ -22,6 +22,7 @@ from ..atomic import atomic_path, check_output_path
 from ..errors import ExportError
 from ..integrity import ONNX_KEY, ONNX_PLACEHOLDER, seal_onnx
 from ..models.contract import PRECISIONS, DeployModel, ReducedPrecision
+from ..models.families import trace_patches
 from ..models.fold import FoldError, FoldReport, fold_model
 from ..models.loading import load_model
 from ..models.weights import weights_sha256
@@ -152,7 +153,7 @@ def export_onnx(
     with atomic_path(output) as tmp:
         try:
             with steps.step(f"tracing with torch.onnx.export (opset {opset})"), warnings.catch_warnings(), \
-                    torch.inference_mode(False), torch.no_grad():
+                    torch.inference_mode(False), torch.no_grad(), trace_patches(traced, (h, w)):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(traced, (images, sizes), str(tmp), input_names=[INPUT_IMAGES, INPUT_SIZES],
                                   output_names=list(OUTPUTS), opset_version=opset, dynamic_axes=axes, dynamo=False)

@@ -68,16 +68,19 @@ def wrap_module(module: nn.Module, *, class_names: list[str], preprocess: Prepro
                 name: str = "custom") -> DeployModel:
     """Wrap a user module from a training repo: one that returns raw predictions, or one that implements the contract.
 
-    The module is probed once on a zero image to find out which kind it is. A transformers RT-DETR
-    (``RTDetrForObjectDetection``, ``RTDetrV2ForObjectDetection``) is recognised by its config and not probed:
-    its second positional argument is ``pixel_mask``, not ``orig_target_sizes``. Engines run the module in
+    The module is probed once on a zero image to find out which kind it is. A transformers detector of a
+    registered family (RT-DETR, D-FINE, DEIMv2, RF-DETR, LW-DETR: :mod:`toolkit.models.families`) is recognised
+    by its config and not probed (its second positional argument is ``pixel_mask``, not ``orig_target_sizes``);
+    it gets its family's wrapper, with the input normalization its network expects applied inside. Engines run the module in
     eval mode (``toolkit.load`` switches it); a training loop switches it back with ``module.train()``.
     """
     if isinstance(module, DeployModel):
         return module
-    if _is_transformers_rtdetr(module):
+    if _is_family_module(module):  # any registered family: its wrapper (normalization included), never the probe
         q = module.config.num_queries
-        return DeployModel(module, class_names=class_names, preprocess=preprocess, top_k=min(top_k, q * len(class_names)), name=name)
+        cfg = ModelConfig(name=name, model_type=module.config.model_type, input_size=tuple(preprocess.size),
+                          top_k=min(top_k, q * len(class_names)), class_names=list(class_names), resize=preprocess.resize)
+        return _wrap_hf(module, cfg)
     module = module.eval()
     h, w = preprocess.size
     param = next(module.parameters(), None)
@@ -95,12 +98,12 @@ def wrap_module(module: nn.Module, *, class_names: list[str], preprocess: Prepro
     return DeployModel(module, class_names=class_names, preprocess=preprocess, top_k=top_k, contract=is_contract, name=name)
 
 
-def _is_transformers_rtdetr(module: nn.Module) -> bool:
+def _is_family_module(module: nn.Module) -> bool:
     return getattr(getattr(module, "config", None), "model_type", None) in _MODEL_TYPES and hasattr(module, "model")
 
 
 def _transformers_module(module: nn.Module, cfg: ModelConfig | None) -> DeployModel:
-    """A transformers RT-DETR module (as a training loop holds it) behind the deploy contract."""
+    """A transformers detector of a registered family (as a training loop holds it) behind the deploy contract."""
     config = module.config
     names = [config.id2label[i] for i in range(config.num_labels)]
     if cfg is not None:
@@ -109,8 +112,10 @@ def _transformers_module(module: nn.Module, cfg: ModelConfig | None) -> DeployMo
         names, size, top_k, resize, name = cfg.class_names, tuple(cfg.input_size), cfg.top_k, cfg.resize, cfg.name
     else:
         size = tuple(getattr(config, "anchor_image_size", None) or (640, 640))
-        top_k, resize, name = min(300, config.num_queries * len(names)), "stretch", "custom"
-    return wrap_module(module, class_names=names, preprocess=PreprocessSpec(size=size, resize=resize), top_k=top_k, name=name)
+        top_k, resize, name = 300, "stretch", "custom"
+    cfg = ModelConfig(name=name, model_type=config.model_type, input_size=size, top_k=min(top_k, config.num_queries * len(names)),
+                      class_names=list(names), resize=resize)
+    return _wrap_hf(module, cfg)  # the family's wrapper (its normalization included), never wrap_module's probe
 
 
 def load_model(source: Any = None, *, config: str | Path | None = None, seed: int | None = None) -> DeployModel:
@@ -125,7 +130,7 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
         if isinstance(source, DeployModel):
             return source
         cfg = load_config(config) if config is not None else None
-        if _is_transformers_rtdetr(source):
+        if _is_family_module(source):
             return _transformers_module(source, cfg)
         if cfg is None and hasattr(source, "config") and hasattr(source.config, "id2label"):
             names = [source.config.id2label[i] for i in range(len(source.config.id2label))]

@@ -21,6 +21,10 @@ def _no_patches(_model: nn.Module) -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
+def _no_trace_patches(_model: nn.Module, _size: tuple[int, int]) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Family:
     """One detector family: its transformers classes and the few facts the toolkit needs beyond them."""
@@ -31,6 +35,8 @@ class Family:
     normalization_for: Callable[[Any], Normalization | None] = _no_normalization  # from the transformers config
     export_patches_for: Callable[[nn.Module], ContextManager[None]] = _no_patches
     config_prefixes: tuple[str, ...] = field(default_factory=tuple)  # named configs of this family (configs/PREFIX*)
+    # around any export (ONNX tracing included) at the model's fixed input size (H, W): RF-DETR's frozen position embedding
+    trace_patches_for: Callable[[nn.Module, tuple[int, int]], ContextManager[None]] = _no_trace_patches
 
     def normalization(self, hf_config: Any) -> Normalization | None:
         """(mean, std) the network expects its input normalized with, or None for [0, 1] input."""
@@ -39,3 +45,7 @@ class Family:
     def export_patches(self, model: nn.Module) -> ContextManager[None]:
         """Patches that keep ``torch.export``'s batch symbolic; enter only around an export."""
         return self.export_patches_for(model)
+
+    def trace_patches(self, model: nn.Module, size: tuple[int, int]) -> ContextManager[None]:
+        """Patches every export of this family needs at input size ``size`` (H, W); enter only around an export."""
+        return self.trace_patches_for(model, size)
