@@ -78,7 +78,11 @@ def test_manifest_errors_are_one_line(tmp_path):
     bad.write_text(json.dumps({"buckets": {"2": "m.b2.pt2"}}))
     with pytest.raises(EngineError, match="missing beside it"):
         toolkit.load(bad)
-    r = run_cli("run", str(bad), str(tmp_path))
+    from torchvision.io import write_png
+
+    (tmp_path / "imgs").mkdir()
+    write_png((verification_images(1, (64, 64), seed=3)[0] * 255).to(torch.uint8), str(tmp_path / "imgs" / "a.png"))
+    r = run_cli("run", str(bad), str(tmp_path / "imgs"))  # run reads its images before it loads the model
     assert r.returncode == 2 and "missing beside it" in r.stderr and "Traceback" not in r.stderr
     from toolkit.builders.buckets import build_buckets, check_buckets
 
