@@ -161,8 +161,12 @@ def test_tied_selection_is_detected_for_d_fine(tmp_path):
     from toolkit.export.onnx import export_onnx
 
     result = export_onnx(build_model("dfine_tiny", seed=0), tmp_path / "flat.onnx")
-    assert result.verify.ok and any(c.tied for c in result.verify.checks), result.verify.summary()
-    assert "tied at its top-K boundary" in result.verify.notes[-1]
+    report = result.verify
+    # three verdicts: a tie is neither a difference (the export is written) nor a pass (nothing end to end compared)
+    assert report.verdict == "inconclusive" and not report.ok, report.summary()
+    assert any(c.tied for c in report.checks) and not any(c.problems for c in report.checks), report.summary()
+    assert all(c.selection_max_diff is not None and c.selection_max_diff < 1e-3 for c in report.checks), report.summary()
+    assert "tied at its top-K boundary" in report.notes[-1]
 
 
 @pytest.mark.slow
@@ -176,12 +180,18 @@ def test_cli_export_by_config_name(tmp_path):
 
 
 @pytest.mark.slow
-def test_fp16_graph(tiny_models, tmp_path):
+def test_fp16_graph(tmp_path):
+    """The fp16 graph agrees with torch end to end. The shared test model's selection boundary is tie-free in fp32 but
+    closer than fp16 rounding can separate (gap 0.004 and 0.0, below verify's fp16 tie gap 5e-3: inconclusive); the
+    noise seed 1 leaves a boundary gap of 0.035 or more in fp16, so final outputs really are compared here."""
     from toolkit.export.onnx import export_onnx
+    from toolkit.export.verify import TOLERANCES
 
-    result = export_onnx(tiny_models["dfine_tiny"], tmp_path / "h.onnx", precision="fp16")
-    assert result.verify.ok, result.verify.summary()
-    assert all(c.selection_max_diff is not None for c in result.verify.checks)
+    model = make_tie_free_(build_model("dfine_tiny", seed=0), seed=1, std=NOISE)
+    result = export_onnx(model, tmp_path / "h.onnx", precision="fp16")
+    assert result.verify.verdict == "agree" and result.verify.ok, result.verify.summary()
+    assert all(c.selection_max_diff is not None and not c.tied and c.boundary_gap >= TOLERANCES["fp16"][1]
+               and c.final_compared > 0 for c in result.verify.checks), result.verify.summary()
 
 
 def test_hf_directory_round_trip(tiny_models, tmp_path):
