@@ -16,6 +16,7 @@ from toolkit.export.islands import find_overflow_nodes
 from toolkit.export.onnx import export_onnx
 from toolkit.export.quantize import fused_ops, prepare_graph, select_nodes
 from toolkit.export.verify import verification_images
+from toolkit.integrity import ONNX_KEY, ONNX_PLACEHOLDER, check_onnx
 from toolkit.tasks.quantize import QuantizationRefused, quantize
 
 
@@ -52,7 +53,10 @@ def test_prepare_folds_frozen_batchnorm_and_keeps_outputs(tiny_model, tiny_onnx,
     prepared = prepare_graph(original)
     assert conv_then_mul(original) > 0 and conv_then_mul(prepared) == 0
     assert sum(n.op_type == "Conv" for n in prepared.graph.node) == sum(n.op_type == "Conv" for n in original.graph.node)
-    assert _meta(tiny_onnx) == {p.key: p.value for p in prepared.metadata_props}
+    kept = {p.key: p.value for p in prepared.metadata_props}
+    # the source's integrity record fits the source's bytes only: the prepared graph carries the placeholder,
+    # sealed with its own size and sha256 when the quantizer writes it
+    assert kept.pop(ONNX_KEY) == ONNX_PLACEHOLDER and {k: v for k, v in _meta(tiny_onnx).items() if k != ONNX_KEY} == kept
     x = verification_images(2, (128, 128), seed=3).numpy()
     s = np.array([[640, 480], [320, 200]], np.int64)
     path = tiny_onnx.parent / "prepared.onnx"
@@ -118,8 +122,10 @@ def test_fixture_int8_passes_accuracy_gates_with_convs_fused(fixture_fp32, tmp_p
     src, dst = onnx.load(str(fixture_fp32)), onnx.load(str(out))
     assert [(i.name, i.type) for i in src.graph.input] == [(i.name, i.type) for i in dst.graph.input]
     meta = _meta(out)
-    assert {k: v for k, v in meta.items() if k in _meta(fixture_fp32) and k != "precision"} == \
-        {k: v for k, v in _meta(fixture_fp32).items() if k != "precision"}
+    own = ("precision", ONNX_KEY)  # the integrity record is the file's own size and sha256: sealed anew, checked below
+    assert {k: v for k, v in meta.items() if k in _meta(fixture_fp32) and k not in own} == \
+        {k: v for k, v in _meta(fixture_fp32).items() if k not in own}
+    assert check_onnx(out) is True
     assert meta["precision"] == "int8" and "quantization_forced" not in meta
     engine = toolkit.load(out)
     outputs = engine.infer({"images": torch.rand(2, 3, 320, 320), "orig_target_sizes": torch.tensor([[640, 480], [320, 320]], dtype=torch.int32)})
