@@ -16,6 +16,7 @@ from toolkit.export.islands import find_overflow_nodes
 from toolkit.export.onnx import export_onnx
 from toolkit.export.quantize import fused_ops, prepare_graph, select_nodes
 from toolkit.export.verify import verification_images
+from toolkit.integrity import ONNX_KEY, ONNX_PLACEHOLDER, check_onnx
 from toolkit.tasks.quantize import QuantizationRefused, quantize
 
 
@@ -36,19 +37,26 @@ def fixture_fp32(tmp_path_factory):
     return export_onnx(fixture_path(), tmp_path_factory.mktemp("q") / "shapes.onnx", verify=False).path
 
 
-def test_prepare_folds_frozen_batchnorm_and_keeps_outputs(tiny_onnx):
-    """The graph handed to the quantizer has no Conv->Mul (FrozenBatchNorm) left and computes what the export does."""
-    original = onnx.load(str(tiny_onnx))
-    prepared = prepare_graph(original)
+def test_prepare_folds_frozen_batchnorm_and_keeps_outputs(tiny_model, tiny_onnx, tmp_path):
+    """The graph handed to the quantizer has no Conv->Mul (FrozenBatchNorm) left and computes what the export does.
+    A default export already folds the norms into the convolutions (toolkit.models.fold), so the graph prepare_graph
+    has to fold is an unfolded export (fold=False, --no-fold): the one that still carries the Conv->Mul."""
 
     def conv_then_mul(m):  # Conv -> Mul by a constant: a FrozenBatchNorm scale (SiLU's Mul takes a Sigmoid)
         consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
         convs = {n.output[0] for n in m.graph.node if n.op_type == "Conv"}
         return sum(1 for n in m.graph.node if n.op_type == "Mul" and any(i in convs for i in n.input) and any(i in consts for i in n.input))
 
+    assert conv_then_mul(onnx.load(str(tiny_onnx))) == 0  # folded at export
+    tiny_onnx = export_onnx(tiny_model, tmp_path / "tiny.unfolded.onnx", fold=False).path
+    original = onnx.load(str(tiny_onnx))
+    prepared = prepare_graph(original)
     assert conv_then_mul(original) > 0 and conv_then_mul(prepared) == 0
     assert sum(n.op_type == "Conv" for n in prepared.graph.node) == sum(n.op_type == "Conv" for n in original.graph.node)
-    assert _meta(tiny_onnx) == {p.key: p.value for p in prepared.metadata_props}
+    kept = {p.key: p.value for p in prepared.metadata_props}
+    # the source's integrity record fits the source's bytes only: the prepared graph carries the placeholder,
+    # sealed with its own size and sha256 when the quantizer writes it
+    assert kept.pop(ONNX_KEY) == ONNX_PLACEHOLDER and {k: v for k, v in _meta(tiny_onnx).items() if k != ONNX_KEY} == kept
     x = verification_images(2, (128, 128), seed=3).numpy()
     s = np.array([[640, 480], [320, 200]], np.int64)
     path = tiny_onnx.parent / "prepared.onnx"
@@ -114,8 +122,10 @@ def test_fixture_int8_passes_accuracy_gates_with_convs_fused(fixture_fp32, tmp_p
     src, dst = onnx.load(str(fixture_fp32)), onnx.load(str(out))
     assert [(i.name, i.type) for i in src.graph.input] == [(i.name, i.type) for i in dst.graph.input]
     meta = _meta(out)
-    assert {k: v for k, v in meta.items() if k in _meta(fixture_fp32) and k != "precision"} == \
-        {k: v for k, v in _meta(fixture_fp32).items() if k != "precision"}
+    own = ("precision", ONNX_KEY)  # the integrity record is the file's own size and sha256: sealed anew, checked below
+    assert {k: v for k, v in meta.items() if k in _meta(fixture_fp32) and k not in own} == \
+        {k: v for k, v in _meta(fixture_fp32).items() if k not in own}
+    assert check_onnx(out) is True
     assert meta["precision"] == "int8" and "quantization_forced" not in meta
     engine = toolkit.load(out)
     outputs = engine.infer({"images": torch.rand(2, 3, 320, 320), "orig_target_sizes": torch.tensor([[640, 480], [320, 320]], dtype=torch.int32)})
@@ -133,7 +143,8 @@ def test_quantizing_heads_and_postprocess_is_refused(fixture_fp32, tmp_path):
 
 def _planted(seed: int = 0):
     """The tiny model with its first convolution scaled up (and its frozen batch norm scaled down by as much): the
-    fp32 function is unchanged, but the convolution's output exceeds fp16's 65504 while its weights still fit."""
+    fp32 function is unchanged, but the convolution's output exceeds fp16's 65504 while its weights still fit.
+    Only in an unfolded graph (fold=False): folding the norm into the convolution cancels the two scalings."""
     from toolkit.models.config import build_model
 
     model = build_model("tiny", seed=seed)
@@ -147,8 +158,8 @@ def _planted(seed: int = 0):
 
 def test_auto_islands_find_and_repair_a_planted_fp16_overflow(tmp_path):
     model = _planted()
-    plain = export_onnx(model, tmp_path / "plain.fp16.onnx", precision="fp16", verify=False, auto_islands=False).path
-    fixed = export_onnx(model, tmp_path / "fixed.fp16.onnx", precision="fp16", verify=False)
+    plain = export_onnx(model, tmp_path / "plain.fp16.onnx", precision="fp16", verify=False, auto_islands=False, fold=False).path
+    fixed = export_onnx(model, tmp_path / "fixed.fp16.onnx", precision="fp16", verify=False, fold=False)
     stem = "embedder.0/convolution/Conv"
     assert any(stem in n for n in fixed.islands.nodes), fixed.islands.summary()
     assert any(stem in n for n in json.loads(_meta(fixed.path)["fp16_islands"]))
@@ -164,3 +175,7 @@ def test_auto_islands_find_and_repair_a_planted_fp16_overflow(tmp_path):
     # and the search run directly on the broken graph with other images names the same spot
     again = find_overflow_nodes(onnx.load(str(plain)), [{"images": x, "orig_target_sizes": s}])
     assert any(stem in n for n in again.nodes), again.summary()
+    # the default export folds the norm into the convolution, which cancels the planted scaling: no island there
+    folded = export_onnx(model, tmp_path / "folded.fp16.onnx", precision="fp16", verify=False)
+    assert not any(stem in n for n in folded.islands.nodes), folded.islands.summary()
+    assert all(np.isfinite(o).all() for o in _run(folded.path, x, s))
