@@ -109,13 +109,14 @@ def test_config_declares_the_artifacts_dtypes(shapes_onnx, tmp_path, dtype, want
 
 def test_tensorrt_repository_from_an_engine_and_its_sidecar(shapes_onnx, tmp_path):
     """TensorRT is not installable here: the repository is checked structurally (plan file, INT32 as built)."""
+    from toolkit.runtime.sidecar import write_sidecar
     from toolkit.serve.config import parse
     from toolkit.signature import from_onnx
 
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"plan bytes")
     sig = from_onnx(shapes_onnx["int32"]).with_bounds(N=(1, 4))
-    (tmp_path / "m.engine.json").write_text(json.dumps({"signature": sig.to_dict(), "class_names": ["a", "b"]}))
+    write_sidecar(engine, {"signature": sig.to_dict(), "class_names": ["a", "b"]})  # with the engine's size and sha256
     repo = toolkit.export_triton(engine, tmp_path / "repo", backend="tensorrt", max_batch=32)
     cfg = parse((repo.model_dir / "config.pbtxt").read_text())
     assert cfg.platform == "tensorrt_plan" and (repo.model_dir / "1" / "model.plan").read_bytes() == b"plan bytes"

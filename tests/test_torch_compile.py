@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import onnxruntime as ort
 import pytest
@@ -60,7 +61,8 @@ def test_bench_writes_torch_compile_rows_with_compile_time(tiny_model, tmp_path,
     assert all(set(JSON_KEYS) <= set(r) for r in rows)
     compiled = [r for r in rows if r["backend"] == "torch-compile"]
     assert [r["batch"] for r in compiled] == [1, 2] and all(r["status"] == "ok" for r in compiled), compiled
-    assert all(r["check"] == "compare agrees" for r in compiled)  # passed the gate against fp32 ONNX Runtime
+    agreed = [re.fullmatch(r"compare agrees \(agree on (\d+) detections over \d+ images\)", r["check"]) for r in compiled]
+    assert all(m and int(m.group(1)) > 0 for m in agreed), compiled  # passed the gate against fp32 ONNX Runtime, with its count
     assert all(r["compile_s"] > 0 and r["median_ms"] > 0 for r in compiled)
     assert all(r["compile_s"] is None for r in rows if r["backend"] == "onnxruntime")
     assert all("compile " in t[-1] for t in table_rows(report.to_dict()) if t[0].startswith("torch-compile"))

@@ -92,6 +92,15 @@ def lint(onnx_model: Any, signature: Signature) -> list[str]:
     return notes
 
 
+def _first_non_finite_weight(model: torch.nn.Module) -> str | None:
+    """The first floating-point parameter or buffer of ``model`` holding NaN/Inf, as "parameter 'name'"; None if all are finite."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return f"{kind} {name!r}"
+    return None
+
+
 def export_onnx(
     model: Any = None,
     output: str | Path = "model.onnx",
@@ -144,7 +153,12 @@ def export_onnx(
     axes = {n: {0: "N"} for n in (INPUT_IMAGES, INPUT_SIZES, *OUTPUTS)} if dynamic_batch else None
     fold_report = None
     body = deploy
-    if fold:
+    fold_notes: list[str] = []
+    bad = _first_non_finite_weight(deploy) if fold else None
+    if bad is not None:  # the fold cannot be proved on such weights, and its error would hide the tensor at fault:
+        fold_notes.append(f"not folded: the model's {bad} holds NaN/Inf (the verification names the graph's first "
+                          "non-finite tensor)")  # export the model as it is and let the verification say so
+    elif fold:
         try:
             body, fold_report = fold_model(deploy)
         except FoldError as e:
@@ -197,7 +211,7 @@ def export_onnx(
                 report = verify_onnx(tmp, deploy, sizes_dtype=sdtype, batches=(2, 3) if dynamic_batch else (2,), precision=precision)
             if report.verdict == "disagree":  # inconclusive (tied selection) is written, and says so
                 raise ExportError(f"the exported file does not match torch; nothing was written to {output}\n{report.summary()}")
-    notes = lint(onnx_model, signature) + ([islands.summary()] if islands is not None and islands.nodes else [])
+    notes = fold_notes + lint(onnx_model, signature) + ([islands.summary()] if islands is not None and islands.nodes else [])
     load_report = getattr(deploy, "load_report", None)  # an official checkpoint: decoder layers past eval_idx are dropped
     notes += [load_report.dropped_note()] if getattr(load_report, "dropped", None) else []
     return ExportResult(output, signature, report, notes, time.perf_counter() - start, islands=islands, fold=fold_report)
