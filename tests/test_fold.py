@@ -149,3 +149,38 @@ def test_cli_export_reports_the_fold_and_no_fold_turns_it_off(tmp_path):
     r = run_cli("export", "--config", "tiny", "-o", str(tmp_path / "u.onnx"), "--no-verify", "--no-fold")
     assert r.returncode == 0 and "folded" not in r.stdout
     assert {p.key: p.value for p in onnx.load(str(tmp_path / "u.onnx")).metadata_props}["fold"] == "off"
+
+
+class _Selecting(nn.Module):
+    """A minimal RT-DETR-shaped model: ``model.enc_score_head`` scores 6 positions, the top 3 are selected and a
+    per-query decoder turns each selected feature into its logits and box. ``swap`` nudges two selected positions'
+    scores past each other (as a float32 rounding of a fold can), ``shift`` changes the decoder's output."""
+
+    def __init__(self, swap: float = 0.0, shift: float = 0.0) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"num_queries": 3, "learn_initial_query": False})()
+        self.model = nn.Module()
+        self.model.enc_score_head = nn.Identity()
+        self.swap, self.shift = swap, shift
+        self.unused = nn.Parameter(torch.zeros(1))  # the checks read the model's device from its parameters
+
+    def forward(self, images):
+        feats = images.mean((2, 3))[:, :1] * torch.arange(1.0, 7.0)  # [N,6] distinct per-position features
+        base = torch.tensor([5.0, 1.0, 4.0, 0.0, 4.0 + 1e-6, 0.5])  # positions 2 and 4 near-equal inside the top 3
+        scores = self.model.enc_score_head((base + torch.tensor([0, 0, self.swap, 0, 0, 0]))[None, :, None].expand(len(images), -1, 2))
+        index = torch.topk(scores.max(-1).values, 3, dim=1).indices
+        selected = feats.gather(1, index)[..., None]  # [N,3,1]
+        return {"logits": torch.cat([selected, -selected], -1) + self.shift, "pred_boxes": torch.sigmoid(selected).expand(-1, -1, 4)}
+
+
+def test_fold_check_matches_queries_that_leave_the_selection_in_another_order():
+    from toolkit.models.fold import verify_fold
+
+    wrap = lambda m: wrap_module(m.eval(), class_names=["a", "b"], preprocess=PreprocessSpec(size=(8, 8)), top_k=3).eval()
+    original = wrap(_Selecting())
+    diff, notes = verify_fold(original, wrap(_Selecting(swap=2e-6)))  # same queries, positions 2 and 4 swapped in order
+    assert diff is not None and diff < 1e-6 and any("another order" in n for n in notes)
+    with pytest.raises(FoldError, match="differ"):  # matched query by query, a real difference is still caught
+        verify_fold(original, wrap(_Selecting(swap=2e-6, shift=0.1)))
+    with pytest.raises(FoldError, match="other queries"):  # a clear margin at the boundary: a different selection is an error
+        verify_fold(original, wrap(_Selecting(swap=-4.5)))

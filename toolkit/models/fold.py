@@ -250,30 +250,61 @@ def verify_fold(original: DeployModel, folded: DeployModel, *, batch: int = 2, t
     Raises :class:`FoldError` when they differ by more than :data:`FOLD_OUTPUT_RTOL` or ``folded`` gives non-finite values
     where ``original`` does not. When the encoder's query selection is tied at its top-K boundary (untrained weights),
     the two may legitimately pick different queries: the decoder outputs are then not compared (returns None and a
-    note) and the per-layer check stands alone. Models that implement the contract themselves are compared on
-    their final outputs."""
+    note) and the per-layer check stands alone. Inside the selection, near-equal scores may come out of the top-K in
+    another order (a float32 rounding of the fold is enough): the same queries, so the decoder outputs are compared
+    query by query, each matched by its encoder position. Models that implement the contract themselves are compared
+    on their final outputs."""
     images, sizes = _example(original, batch, seed=2)
-    gaps: list[float] = []
-    head = getattr(getattr(getattr(original.model, "model", None), "enc_score_head", None), "register_forward_hook", None)
-    handle = head(lambda _m, _i, out: gaps.append(_boundary_gap(original, out))) if head else None
+    selections: dict[str, list[tuple[float | None, torch.Tensor | None]]] = {"original": [], "folded": []}
+    handles = []
+    for side, model in (("original", original), ("folded", folded)):
+        head = getattr(getattr(getattr(model.model, "model", None), "enc_score_head", None), "register_forward_hook", None)
+        if head is not None:
+            handles.append(head(lambda _m, _i, out, side=side, model=model: selections[side].append(_selection(model, out))))
     try:
         with torch.no_grad(), tf32(False):
             ref = original.raw(images) if not original.contract else original(images, sizes)
             got = folded.raw(images) if not folded.contract else folded(images, sizes)
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     for a, b in zip(got, ref):
         if a.is_floating_point() and not torch.isfinite(a).all() and torch.isfinite(b).all():
             raise FoldError("the folded model gives non-finite outputs where the original does not; export with --no-fold")
-    if gaps and gaps[0] is not None and gaps[0] < tie_gap:
-        return None, [f"folded model outputs not compared: the query selection is tied (gap {gaps[0]:.1e}; untrained weights); "
+    gap, ref_index = selections["original"][0] if selections["original"] else (None, None)
+    if gap is not None and gap < tie_gap:
+        return None, [f"folded model outputs not compared: the query selection is tied (gap {gap:.1e}; untrained weights); "
                       "every folded layer was checked on its own"]
+    notes: list[str] = []
+    got_index = selections["folded"][0][1] if selections["folded"] else None
+    if ref_index is not None and got_index is not None and not torch.equal(ref_index, got_index) and not original.contract:
+        if not torch.equal(ref_index.sort(dim=1).values, got_index.sort(dim=1).values):
+            raise FoldError("the folded model's encoder selects other queries than the original's (selection not tied at its "
+                            + (f"top-K boundary, gap {gap:.1e}" if gap is not None else "top-K boundary") + "); export with --no-fold")
+        if getattr(getattr(original.model, "config", None), "learn_initial_query", False):  # decoder not order-equivariant
+            return None, ["folded model outputs not compared: near-equal selection scores come out of the top-K in another "
+                          "order and the decoder's learned initial queries depend on that order; every folded layer was checked on its own"]
+        # position of each of the original's selected queries in the folded model's selection
+        order = (got_index[:, None, :] == ref_index[:, :, None]).int().argmax(-1)
+        got = tuple(t.gather(1, order[..., None].expand(-1, -1, t.shape[-1]).to(t.device)) if t.dim() == 3 and t.shape[1] == order.shape[1]
+                    else t for t in got)
+        notes.append("near-equal selection scores came out of the top-K in another order: folded outputs compared query by query, "
+                     "matched by encoder position")
     worst = max(_rel(a, b) for a, b in zip(got, ref) if a.is_floating_point())
     if worst > FOLD_OUTPUT_RTOL:
         raise FoldError(f"the folded model's outputs differ from the original's by {worst:.2e} (relative, > {FOLD_OUTPUT_RTOL}); "
                         "export with --no-fold")
-    return worst, []
+    return worst, notes
+
+
+def _selection(model: DeployModel, scores: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
+    """(boundary gap, selected encoder positions [N,K] in the model's order) from the encoder's class scores, as
+    transformers selects them (``topk(scores.max(-1).values, num_queries, dim=1)``)."""
+    k = getattr(getattr(model.model, "config", None), "num_queries", None)
+    if not k or scores.shape[1] < k:
+        return None, None
+    index = torch.topk(scores.max(-1).values, k, dim=1).indices.cpu()
+    return _boundary_gap(model, scores), index
 
 
 def _boundary_gap(model: DeployModel, scores: torch.Tensor) -> float | None:
