@@ -221,3 +221,13 @@ def test_export_from_a_cuda_model(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model).cuda()
     result = export_onnx(model, tmp_path / "cuda.onnx")
     assert result.verify.ok and not any(c.tied for c in result.verify.checks)
+
+
+def test_export_at_another_size_leaves_the_callers_model_alone(tiny_model, tmp_path):
+    """export(size=...) resizes a copy: the caller's model (here the session fixture other tests share) keeps its
+    input size and its anchors."""
+    inner = tiny_model.model.model
+    size, anchors = tiny_model.preprocess.size, inner.anchors.clone()
+    result = export_onnx(tiny_model, tmp_path / "s96.onnx", size=(96, 96), verify=False)
+    assert result.signature.input("images").shape[2:] == (96, 96)
+    assert tiny_model.preprocess.size == size and torch.equal(inner.anchors, anchors)

@@ -52,7 +52,9 @@ class ExportResult:
 
 
 def _resize_model(model: DeployModel, size: tuple[int, int]) -> DeployModel:
-    """Change the input size; transformers RT-DETR precomputes its anchors for one size, so regenerate them."""
+    """A copy at another input size (never the caller's model: it may be in use elsewhere); transformers RT-DETR
+    precomputes its anchors for one size, so regenerate them."""
+    model = copy.deepcopy(model)
     model.preprocess = replace(model.preprocess, size=size)
     inner = getattr(model.model, "model", None)
     if inner is not None and hasattr(inner, "generate_anchors") and getattr(inner.config, "anchor_image_size", None):
