@@ -48,7 +48,7 @@ def variant(name: str):
         file_name = Path(rec["official"]["yaml"]).stem + ".pth"  # as the official zoo names its checkpoints
         model = load_official_checkpoint(state, name=file_name)  # config inferred from the weights (and, for _dsp, the name)
         assert model.name == name and model.load_report.complete, model.load_report.summary()
-        _resize_model(model, size)
+        model = _resize_model(model, size)  # a resized copy
         images, sizes = parity_inputs(rec["image_seed"], size, rec["orig_target_sizes"])
         box_tol = 1e-4 * max(*size, *(max(s) for s in rec["orig_target_sizes"])) + 0.01  # verify's fp32 tolerance
         score_tol, labels_tol = 1e-4, 0
