@@ -31,7 +31,7 @@ from typing import Any
 
 from ..atomic import atomic_path, check_output_path
 from ..errors import EngineError, InputError
-from ..integrity import check_onnx
+from ..integrity import check_onnx, file_sha256  # file_sha256: also used by the builders through this module
 from ..runtime.sidecar import read_sidecar, sidecar_path
 from ..signature import Signature
 
@@ -67,14 +67,6 @@ class BuildResult:
 def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rtdetr-deploy" / "engines"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_from_model(model: Any, output: str | Path, *, backend: str = "aoti", device: str | None = None,
