@@ -207,7 +207,6 @@ def test_raw_client_mismatches_are_refused_by_the_server(served):
         send(np.repeat(images, 9, 0), np.array([[320, 240]] * 9, dtype=np.int32), "INT32")
 
 
-@pytest.mark.slow
 def test_concurrent_requests_are_merged_by_the_dynamic_batcher(served):
     engine = toolkit.load(_url(served, "m64"))
     want = engine.infer(_feeds(1, seed=5))
@@ -237,7 +236,6 @@ def test_concurrent_requests_are_merged_by_the_dynamic_batcher(served):
     assert inferences == 64 and executions < inferences  # the batcher merged requests
 
 
-@pytest.mark.slow
 def test_run_cli_on_a_served_model(served, shapes_onnx, tmp_path):
     from toolkit.checks.sides import synthetic_images
     from toolkit.tasks.run import infer_images
@@ -395,4 +393,63 @@ def test_serve_on_gpus_one_instance_group_each(shapes_onnx):
         assert report.ok and sum(s.matched for s in report.images) > 0, report.summary()
         out = toolkit.load(server.grpc_url, device="cuda").infer(_feeds(2))
         assert out["boxes"].is_cuda and out["boxes"].shape == (2, 100, 4)
+    assert not _alive(server.pid)
+
+
+# --- faults: the server dies under load ------------------------------------------------------------------------
+
+
+def test_killing_the_server_mid_load_gives_errors_never_partial_results(shapes_onnx, tmp_path):
+    """SIGKILL tritonserver while 4 clients send requests: every call either returned a complete answer (the
+    local engine's boxes) or raised an EngineError naming the URL; a call after the kill fails fast and bounded."""
+    from toolkit.serve.repository import export_triton
+    from toolkit.serve.server import Ports, free_port, start_tritonserver
+
+    export_triton(shapes_onnx["int64"], tmp_path / "repo", backend="python", name="k64", max_batch=4, max_queue_delay_us=2000)
+    server = start_tritonserver(tmp_path / "repo", "k64", ports=Ports(free_port(), free_port(), free_port()))
+    try:
+        server.wait_ready(READY_S)
+        engine = toolkit.load(server.grpc_url, timeout_s=5)
+        want = toolkit.load(shapes_onnx["int64"], device="cpu").infer(_feeds(2, seed=7))
+        answers: list[dict] = []
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    out = engine.infer(_feeds(2, seed=7))
+                except BaseException as e:  # noqa: BLE001 - every failure is inspected below
+                    with lock:
+                        failures.append(e)
+                    return
+                with lock:
+                    answers.append(out)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        [t.start() for t in threads]
+        deadline = time.monotonic() + 120
+        while len(answers) < 8 and not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(answers) >= 8 and not failures, f"the load never got going: {failures}"
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait(30)
+        killed_at = time.monotonic()
+        [t.join(90) for t in threads]
+        stop.set()
+        assert not any(t.is_alive() for t in threads), "a client hung after the server died"
+        assert len(failures) == 4, "every client's next call after the kill must fail"
+        for e in failures:
+            assert isinstance(e, EngineError) and server.grpc_url in str(e), repr(e)
+        for out in answers:  # complete answers only: the right shapes and the local engine's detections
+            assert out["boxes"].shape == want["boxes"].shape and torch.equal(out["labels"], want["labels"])
+            assert torch.allclose(out["boxes"], want["boxes"], atol=1e-3)
+        assert time.monotonic() - killed_at < 60
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match="k64"):
+            engine.infer(_feeds(1))
+        assert time.monotonic() - t0 < 30, "a call to a dead server must give up within its bounded retry"
+    finally:
+        server.stop()
     assert not _alive(server.pid)
