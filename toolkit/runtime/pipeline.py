@@ -19,6 +19,7 @@ order); batches hold ``batch_size`` readable images each (the last may hold fewe
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class ImagePipeline:
 
     def __init__(self, paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int, device: str | torch.device = "cpu",
                  *, sizes_dtype: torch.dtype = torch.int64, prefetch: int = 2, gpu_decode: bool | None = None) -> None:
+        """``gpu_decode``: decode JPEGs in batches with ``decode_jpeg`` on ``device`` (None: where it is CUDA). True with
+        the CPU runs that same code (header routing, batched decode, EXIF, grouped resize) without streams."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
         self.paths = [Path(p) for p in paths]
@@ -116,8 +119,7 @@ class ImagePipeline:
         self.device = torch.device(device)
         self.prefetch = max(1, int(prefetch))
         self.gpu_decode = self.device.type == "cuda" if gpu_decode is None else bool(gpu_decode)
-        if self.gpu_decode and self.device.type != "cuda":
-            raise InputError(f"GPU decode needs a CUDA device, not {self.device}")
+        self._cuda = self.gpu_decode and self.device.type == "cuda"  # streams and events
         self._bad: dict[Path, tuple[int, str]] = {}
         self._stop = threading.Event()
         self._started = False
@@ -189,7 +191,7 @@ class ImagePipeline:
         try:
             size = p.stat().st_size
             if p.is_file() and size > 4:
-                buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
                 with open(p, "rb") as f:
                     got = f.readinto(memoryview(buf.numpy()))
                 if got == size:
@@ -199,9 +201,12 @@ class ImagePipeline:
         except OSError:
             pass  # read_image below says why, as the CPU path does
         try:
-            return _Entry(p, "image", read_image(p).pin_memory())
+            return _Entry(p, "image", self._pin(read_image(p)))
         except InputError as e:
             return _Entry(p, "bad", str(e))
+
+    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self._cuda else t
 
     def _reader_work(self, out: queue.Queue) -> None:
         for start, chunk in self._chunks():
@@ -231,12 +236,12 @@ class ImagePipeline:
                 out[i] = orient(decoded[k], e.orientation)
                 continue
             try:
-                entries[i] = _Entry(e.path, "image", read_image(e.path).pin_memory())
+                entries[i] = _Entry(e.path, "image", self._pin(read_image(e.path)))
             except InputError as err:
                 entries[i] = _Entry(e.path, "bad", str(err))
         for i, e in enumerate(entries):
             if e.kind == "image":
-                out[i] = e.payload.to(self.device, non_blocking=True)
+                out[i] = e.payload.to(self.device, non_blocking=self._cuda)
         return out
 
     def _prepare(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -254,7 +259,10 @@ class ImagePipeline:
 
     def _device_work(self, inbox: queue.Queue, out: queue.Queue, stream: Any) -> None:
         regroup = _Regroup(self.batch_size)
-        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+        with contextlib.ExitStack() as ctx:
+            if self._cuda:
+                ctx.enter_context(torch.cuda.device(self.device))
+                ctx.enter_context(torch.cuda.stream(stream))
             while True:
                 item = self._get(inbox)
                 if item is _DONE:
@@ -262,8 +270,9 @@ class ImagePipeline:
                 if isinstance(item, _Failure):
                     raise item.exc
                 start, entries = item
-                began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                began.record(stream)
+                if self._cuda:
+                    began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    began.record(stream)
                 images = self._decode(entries)
                 for k, (e, img) in enumerate(zip(entries, images)):
                     if img is None:
@@ -271,9 +280,10 @@ class ImagePipeline:
                 good = [(e.path, img) for e, img in zip(entries, images) if img is not None]
                 stacked = self._prepare([img for _, img in good]) if good else None
                 wh = [(int(img.shape[-1]), int(img.shape[-2])) for _, img in good]
-                sizes = torch.tensor(wh, dtype=self.sizes_dtype).reshape(-1, 2).pin_memory().to(self.device, non_blocking=True)
-                ended.record(stream)
-                self.decode_events.append((began, ended))
+                sizes = self._pin(torch.tensor(wh, dtype=self.sizes_dtype).reshape(-1, 2)).to(self.device, non_blocking=self._cuda)
+                if self._cuda:
+                    ended.record(stream)
+                    self.decode_events.append((began, ended))
                 for paths, imgs, szs in regroup.add([p for p, _ in good], stacked, sizes):
                     if not self._handover(out, stream, paths, imgs, szs):
                         return
@@ -281,8 +291,10 @@ class ImagePipeline:
                 self._handover(out, stream, paths, imgs, szs)
 
     def _handover(self, out: queue.Queue, stream: Any, paths: list[Path], images: torch.Tensor, sizes: torch.Tensor) -> bool:
-        ready = torch.cuda.Event()
-        ready.record(stream)
+        ready = None
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record(stream)
         return self._put(out, (paths, images, sizes, ready))
 
     # --- the consumer ---------------------------------------------------------------------------------------------
@@ -294,7 +306,7 @@ class ImagePipeline:
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         threads = []
         if self.gpu_decode:
-            stream = torch.cuda.Stream(device=self.device)
+            stream = torch.cuda.Stream(device=self.device) if self._cuda else None
             inbox: queue.Queue = queue.Queue(maxsize=self.prefetch)
             threads.append(threading.Thread(target=self._guard, args=(inbox, lambda: self._reader_work(inbox)), daemon=True))
             threads.append(threading.Thread(target=self._guard, args=(out, lambda: self._device_work(inbox, out, stream)), daemon=True))
@@ -310,7 +322,7 @@ class ImagePipeline:
                     return
                 if isinstance(item, _Failure):
                     raise item.exc
-                if self.gpu_decode:
+                if self._cuda:
                     paths, images, sizes, ready = item
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(ready)
@@ -319,10 +331,10 @@ class ImagePipeline:
                     handed = torch.cuda.Event(enable_timing=True)
                     handed.record(current)
                 else:
-                    paths, images, sizes = item
+                    paths, images, sizes = item[:3]
                     images, sizes = images.to(self.device), sizes.to(self.device)
                 yield PipelineBatch(index, paths, images, sizes)
-                if self.gpu_decode:
+                if self._cuda:
                     released = torch.cuda.Event(enable_timing=True)
                     released.record(current)
                     self.infer_events.append((handed, released))
@@ -334,7 +346,7 @@ class ImagePipeline:
 
     def overlapped_decodes(self) -> int:
         """CUDA: how many chunks were decoded (on the GPU) while the consumer's stream ran another batch's work."""
-        if not self.gpu_decode or not self.decode_events or not self.infer_events:
+        if not self._cuda or not self.decode_events or not self.infer_events:
             return 0
         torch.cuda.synchronize(self.device)
         base = self.decode_events[0][0]
