@@ -220,3 +220,19 @@ def test_io_bytes_roundtrip_is_not_needed():
     Image.fromarray(_scene(0, 64, 64)).save(b, "JPEG")
     raw = b.getvalue()
     assert parse_jpeg_header(raw) == parse_jpeg_header(memoryview(bytearray(raw))) == parse_jpeg_header(memoryview(np.frombuffer(raw, np.uint8)))
+
+
+def test_bench_end_to_end_reports_pipeline_rate_beside_model_rate(tiny_model, tmp_path):
+    from toolkit.tasks.bench import bench
+    from toolkit.tasks.bench_report import table_rows
+
+    report = bench(tiny_model, backends=("torch",), batches=(2,), warmup=1, iters=2, device="cpu", end_to_end=True,
+                   workdir=tmp_path, progress=False)
+    (row,) = report.rows
+    assert row.status == "ok", row.reason
+    assert row.images_per_s > 0 and row.end_to_end_images_per_s > 0  # both, in the same row
+    (cells,) = table_rows(report.to_dict())
+    assert f"{row.images_per_s:.0f} (e2e {row.end_to_end_images_per_s:.0f})" == cells[5]
+    plain = report.to_dict()
+    plain["rows"][0]["end_to_end_images_per_s"] = None  # what a bench without --end-to-end records
+    assert table_rows(plain)[0][5] == f"{row.images_per_s:.0f}"
