@@ -118,16 +118,20 @@ def test_broken_files_are_reported_and_batches_stay_full(files, tmp_path, gpu_co
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
     (tmp_path / "empty.png").write_bytes(b"")
     trunc = tmp_path / "trunc.jpg"
-    trunc.write_bytes(files[0].read_bytes()[:200])  # a valid header, then nothing
+    trunc.write_bytes(files[0].read_bytes()[:200])  # part of a header, then nothing
+    raw = files[3].read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(raw[:raw.index(b"\xff\xda") + 400])  # a whole header, then part of the scan
+    assert not parse_jpeg_header(cut.read_bytes()).gpu_decodable
     order = [files[0], tmp_path / "broken.jpg", files[1], files[2], tmp_path / "empty.png", files[3], trunc,
-             tmp_path / "missing.jpg", files[4]]
+             tmp_path / "missing.jpg", files[4], cut, files[5]]
     expected_bad = {}
     for p in order:
         try:
             read_image(p)
         except InputError as e:
             expected_bad[p] = str(e)
-    assert set(expected_bad) >= {tmp_path / "broken.jpg", tmp_path / "empty.png", tmp_path / "missing.jpg"}
+    assert set(expected_bad) >= {tmp_path / "broken.jpg", tmp_path / "empty.png", tmp_path / "missing.jpg", cut}
     pipeline = ImagePipeline(order, SPECS[1], 2, "cpu", gpu_decode=gpu_code)
     paths, images, sizes, counts = _collect(pipeline)
     good = [p for p in order if p not in expected_bad]
@@ -236,3 +240,20 @@ def test_bench_end_to_end_reports_pipeline_rate_beside_model_rate(tiny_model, tm
     plain = report.to_dict()
     plain["rows"][0]["end_to_end_images_per_s"] = None  # what a bench without --end-to-end records
     assert table_rows(plain)[0][5] == f"{row.images_per_s:.0f}"
+
+
+def test_a_batch_the_batched_decoder_refuses_is_decoded_file_by_file(files, monkeypatch):
+    """The GPU path's fallback, run on the CPU: decode_jpeg failing on a batch sends it through read_image."""
+    import torchvision.io
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("unsupported bitstream")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
+    pipeline = ImagePipeline(files, SPECS[1], 4, "cpu", gpu_decode=True)
+    paths, images, _, _ = _collect(pipeline)
+    assert calls and not pipeline.bad and paths == files
+    assert (images - preprocess(files, SPECS[1])[0]).abs().max().item() <= 1e-6

@@ -29,7 +29,7 @@ NOT_FOR_GPU = JpegHeader(False)
 
 
 def parse_jpeg_header(data: bytes | memoryview) -> JpegHeader:
-    """Markers from SOI up to the first SOS; anything unexpected routes the file to the CPU path."""
+    """Markers from SOI up to the first SOS, and the EOI near the end; anything unexpected routes the file to the CPU path."""
     buf = bytes(data[:2])
     if buf != b"\xff\xd8":
         return NOT_FOR_GPU
@@ -62,8 +62,8 @@ def parse_jpeg_header(data: bytes | memoryview) -> JpegHeader:
                 return NOT_FOR_GPU
             sof = (width, height)
         elif marker == 0xDA:  # start of scan: the header is complete
-            if sof is None:
-                return NOT_FOR_GPU
+            if sof is None or b"\xff\xd9" not in bytes(data[max(pos, n - 1024):]):
+                return NOT_FOR_GPU  # no end-of-image marker: truncated (libjpeg refuses it; nvJPEG may not)
             return JpegHeader(True, orientation, *sof)
         pos += 2 + length
     return NOT_FOR_GPU
