@@ -123,6 +123,7 @@ class ImagePipeline:
         self._bad: dict[Path, tuple[int, str]] = {}
         self._stop = threading.Event()
         self._started = False
+        self._no_nvjpeg = False
         self.decode_events: list[tuple[Any, Any]] = []  # CUDA: (start, end) of each chunk's decode + preprocess, side stream
         self.infer_events: list[tuple[Any, Any]] = []  # CUDA: (handed over, next batch asked for) on the consumer's stream
 
@@ -225,11 +226,13 @@ class ImagePipeline:
         out: list[torch.Tensor | None] = [None] * len(entries)
         jpegs = [i for i, e in enumerate(entries) if e.kind == "jpeg"]
         decoded = None
-        if jpegs:
+        if jpegs and not self._no_nvjpeg:
             try:
                 decoded = decode_jpeg([entries[i].payload for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # nvJPEG refused one of them: the CPU decoder names the broken ones
+            except RuntimeError as e:  # nvJPEG refused one of them: the CPU decoder names the broken ones
                 decoded = None
+                if "not compiled with nvJPEG" in str(e):  # this torchvision has no GPU decoder: the CPU from now on
+                    self._no_nvjpeg = True
         for k, i in enumerate(jpegs):
             e = entries[i]
             if decoded is not None:
