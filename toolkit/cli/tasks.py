@@ -58,7 +58,7 @@ def bench(
     iters: int = typer.Option(50, help="Timed calls per configuration."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the GPU if present)."),
     check_model: Optional[str] = typer.Option(None, help="Trained model each configuration must pass compare on first."),
-    end_to_end: bool = typer.Option(False, "--end-to-end", help="Include JPEG decode + resize on the device."),
+    end_to_end: bool = typer.Option(False, "--end-to-end", help="Also measure JPEG files to outputs (GPU decode overlapped with inference): e2e img/s beside img/s."),
     workdir: Optional[Path] = typer.Option(None, help="Where built artifacts go (reused between runs)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     plot: Optional[Path] = typer.Option(None, help="Write latency/throughput curves as PNG."),

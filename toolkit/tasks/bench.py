@@ -33,7 +33,8 @@ __all__ = ["BACKENDS", "JSON_KEYS", "BenchReport", "BenchRow", "bench", "binder_
 
 BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt", "torch-compile", "aoti-static")
 JSON_KEYS = ("backend", "precision", "cuda_graph", "batch", "device", "status", "reason", "median_ms", "p90_ms",
-             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check", "compile_s")
+             "p99_ms", "images_per_s", "peak_torch_memory_mb", "build_s", "first_call_s", "end_to_end", "check", "compile_s",
+             "end_to_end_images_per_s")
 
 
 @dataclass
@@ -53,12 +54,13 @@ class BenchRow:
     peak_torch_memory_mb: float | None = None
     first_call_s: float | None = None
     end_to_end: bool = False
+    end_to_end_images_per_s: float | None = None  # --end-to-end: JPEG files to outputs (toolkit.tasks.end_to_end), beside images_per_s
     build_s: float | None = None
     compile_s: float | None = None  # torch-compile: its compile at this batch size (the first call), apart from the timings
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision}" + (" +graph" if self.cuda_graph else "") + (" e2e" if self.end_to_end else "")
+        return f"{self.backend} {self.precision}" + (" +graph" if self.cuda_graph else "")
 
 
 @dataclass
@@ -188,23 +190,11 @@ def _inputs(model: Any, batch: int, device: torch.device) -> dict[str, torch.Ten
             INPUT_SIZES: torch.tensor([[w, h]] * batch, device=device)}
 
 
-def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.device) -> Callable[[], Any]:
-    """Decode JPEG bytes and resize on the device with torchvision, then infer: the whole pipeline's cost."""
-    from torchvision.io import decode_jpeg, encode_jpeg
-    from torchvision.transforms.v2 import functional as F
+def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.device) -> float:
+    """Images/s from JPEG files to outputs: GPU decode and preprocess overlapped with inference (toolkit.tasks.end_to_end)."""
+    from .end_to_end import end_to_end_images_per_s
 
-    from ..export.verify import verification_images
-
-    h, w = model.preprocess.size
-    raw = [encode_jpeg((im * 255).to(torch.uint8), quality=90) for im in verification_images(batch, (480, 640), seed=3)]
-    sizes = torch.tensor([[640, 480]] * batch, device=device)
-
-    def call() -> Any:
-        decoded = decode_jpeg(raw, device=device.type if device.type == "cuda" else "cpu")
-        images = torch.stack([F.to_dtype(F.resize(im, [h, w], antialias=True), torch.float32, scale=True) for im in decoded])
-        return engine.infer({INPUT_IMAGES: images, INPUT_SIZES: sizes})
-
-    return call
+    return end_to_end_images_per_s(engine, batch, device, spec=model.preprocess)
 
 
 def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool, images: int = 100) -> tuple[str | None, str]:
@@ -379,7 +369,7 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         start = time.perf_counter()
         engine = artifacts.engine(row.backend, row.precision, row.cuda_graph)
         feeds = _inputs(model, row.batch, dev)
-        call = _end_to_end_call(engine, model, row.batch, dev) if row.end_to_end else functools.partial(engine.infer, feeds)
+        call = functools.partial(engine.infer, feeds)
         call()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -390,6 +380,8 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         row.p90_ms = _percentile(times, 0.90)
         row.p99_ms = _percentile(times, 0.99)
         row.images_per_s = row.batch * 1e3 / row.median_ms
+        if row.end_to_end:
+            row.end_to_end_images_per_s = _end_to_end_call(engine, model, row.batch, dev)
         if dev.type == "cuda":
             row.peak_torch_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
         return call

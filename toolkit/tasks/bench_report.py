@@ -22,7 +22,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         built = f"build {r['build_s']:.0f} s, " if r.get("build_s") and r["build_s"] >= 1 else ""
         built += f"compile {r['compile_s']:.1f} s, " if r.get("compile_s") is not None else ""
         out.append([label, str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                    f"{r['images_per_s']:.0f}", ratio, f"{built}first call {r['first_call_s']:.1f} s"])
+                    f"{r['images_per_s']:.0f}" + (f" (e2e {e2e:.0f})" if (e2e := r.get("end_to_end_images_per_s")) else ""), ratio, f"{built}first call {r['first_call_s']:.1f} s"])
     return out
 
 

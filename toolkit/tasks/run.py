@@ -1,7 +1,8 @@
 """``rtdetr-deploy run``: preprocess images, infer with any engine, write COCO results and annotated images.
 
-Every input is checked before anything is written: a folder with broken files is reported in full (each
-file and why), and processed without them only when asked (``skip_bad=True``, ``--skip-bad``), so a results
+Images are decoded (JPEGs on the GPU where the engine runs on CUDA) and preprocessed in the background while
+the engine runs (toolkit.runtime.pipeline). Every input is checked before anything is written: a folder with
+broken files is reported in full (each file and why), and processed without them only when asked (``skip_bad=True``, ``--skip-bad``), so a results
 folder never holds partial results that look complete. Boxes refer to each image as it is displayed (its
 EXIF orientation applied). Annotated images get distinct names (``a.jpg`` and ``a.png`` never share one).
 """
@@ -15,19 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
-
 from ..atomic import write_text
 from ..errors import InputError
 from ..runtime.base import BaseEngine
 from ..runtime.detections import Detections, draw, split_batch
 from ..runtime.engine import load
-from ..runtime.preprocessing import (
-    engine_preprocess,
-    list_images,
-    preprocess,
-    read_image,
-)
+from ..runtime.pipeline import ImagePipeline
+from ..runtime.preprocessing import engine_preprocess, list_images, read_image
 from ..signature import INPUT_IMAGES, INPUT_SIZES
 
 
@@ -48,34 +43,32 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
-def _check_all(paths: Sequence[Path]) -> tuple[list[Path], dict[Path, str]]:
-    """Decode every image once (then drop it: a large folder must not sit in memory) to find the broken ones."""
-    good, bad = [], {}
-    for p in paths:
-        try:
-            read_image(p)
-            good.append(p)
-        except InputError as e:
-            bad[p] = str(e)
-    return good, bad
-
-
-def _batches(engine: BaseEngine, paths: Sequence[Path], batch_size: int) -> Iterator[list[tuple[Path, torch.Tensor, Detections]]]:
+def _pipeline(engine: BaseEngine, paths: Sequence[Path], batch_size: int) -> ImagePipeline:
+    """Batches within the engine's batch range, decoded and preprocessed on the engine's device (GPU decode on CUDA)."""
     check_batch_size(batch_size)
     spec = engine_preprocess(engine)
     _, hi = engine.signature.bounds("N")
     step = min(batch_size, hi) if hi else batch_size
-    for i in range(0, len(paths), step):
-        chunk = list(paths[i:i + step])
-        images = [read_image(p) for p in chunk]
-        batch, sizes = preprocess(images, spec)
-        out = engine.infer({INPUT_IMAGES: batch.to(engine.device), INPUT_SIZES: sizes.to(engine.device)})
-        yield list(zip(chunk, images, split_batch(out)))
+    return ImagePipeline(paths, spec, step, engine.device)
+
+
+def _infer(engine: BaseEngine, pipeline: ImagePipeline, bar: Any = None) -> Iterator[tuple[Path, Detections]]:
+    for batch in pipeline:
+        out = engine.infer({INPUT_IMAGES: batch.images, INPUT_SIZES: batch.sizes})
+        if bar is not None:
+            bar.update(len(batch.paths))
+        yield from zip(batch.paths, split_batch(out))
+    if bar is not None and pipeline.bad:
+        bar.update(len(pipeline.bad))
 
 
 def infer_images(engine: BaseEngine, paths: Sequence[Path], batch_size: int = 8) -> list[Detections]:
-    """Detections for each image file, batched within the engine's batch range."""
-    return [d for batch in _batches(engine, paths, batch_size) for _, _, d in batch]
+    """Detections for each image file, batched within the engine's batch range; unreadable files raise one InputError."""
+    pipeline = _pipeline(engine, paths, batch_size)
+    dets = [d for _, d in _infer(engine, pipeline)]
+    if pipeline.bad:
+        raise InputError(f"{len(pipeline.bad)} of {len(paths)} images cannot be read: {'; '.join(pipeline.bad.values())}")
+    return dets
 
 
 def annotated_names(paths: Sequence[Path]) -> list[str]:
@@ -95,6 +88,24 @@ def annotated_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
+def _check_output(out_dir: Path) -> None:
+    """Before any work: the output can be made (nothing is created yet: a refused run leaves no folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir} exists and is not a directory")
+    probe = out_dir / "detections.json"
+    if out_dir.is_dir():
+        if not os.access(out_dir, os.W_OK) or (probe.exists() and not os.access(probe, os.W_OK)):
+            raise InputError(f"output directory {out_dir} is not writable")
+        return
+    parent = out_dir.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output directory {out_dir} cannot be created (Not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {out_dir} cannot be created (Permission denied)")
+
+
 def _prepare_output(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output {out_dir} exists and is not a directory")
@@ -109,36 +120,48 @@ def _prepare_output(out_dir: Path) -> None:
 
 def run(model: Any, images: Sequence[str | Path], output_dir: str | Path, *, backend: str | None = None,
         device: str | None = None, score_threshold: float = 0.3, batch_size: int = 8, draw_images: bool = True,
-        skip_bad: bool = False, **options: Any) -> RunResult:
+        skip_bad: bool = False, progress: bool = True, **options: Any) -> RunResult:
     """Run ``model`` (anything :func:`toolkit.load` takes, or an Engine) on image files; write results to ``output_dir``.
 
-    Every image is decoded first. Broken ones raise one :class:`InputError` listing them all, before anything
-    is written; with ``skip_bad=True`` they are left out (``RunResult.skipped`` says why) and the rest run.
+    Images are decoded and preprocessed on the engine's device (JPEGs on the GPU with CUDA) while the engine
+    runs the previous batch (:class:`~toolkit.runtime.pipeline.ImagePipeline`); ``progress`` shows a bar with
+    img/s. Broken ones raise one :class:`InputError` listing them all, before anything is written; with
+    ``skip_bad=True`` they are left out (``RunResult.skipped`` says why) and the rest run.
     """
     check_batch_size(batch_size)
+    from tqdm import tqdm
+
     paths = list_images(images)
-    good, bad = _check_all(paths)
+    out_dir = Path(output_dir)
+    _check_output(out_dir)
+    engine = model if isinstance(model, BaseEngine) else load(model, backend=backend, device=device, **options)
+    results_path = out_dir / "detections.json"
+    pipeline = _pipeline(engine, paths, batch_size)
+    try:
+        with tqdm(total=len(paths), desc="run", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            pairs = list(_infer(engine, pipeline, bar))
+    except BaseException:
+        if results_path.is_file():  # an earlier run's results must not pass for this run's if it fails midway
+            results_path.unlink(missing_ok=True)
+        raise
+    bad = pipeline.bad
     if bad and not skip_bad:
         listing = "; ".join(bad.values())
         raise InputError(f"{len(bad)} of {len(paths)} images cannot be read: {listing}. Nothing was written; "
                          "fix or remove them, or pass --skip-bad (skip_bad=True) to process the others")
-    if not good:
+    if not pairs:
         raise InputError(f"none of the {len(paths)} images can be read: {'; '.join(bad.values())}")
-    out_dir = Path(output_dir)
+    good, dets = [p for p, _ in pairs], [d for _, d in pairs]
     _prepare_output(out_dir)
-    engine = model if isinstance(model, BaseEngine) else load(model, backend=backend, device=device, **options)
-    results_path = out_dir / "detections.json"
-    results_path.unlink(missing_ok=True)  # an earlier run's results must not pass for this run's if it fails midway
+    results_path.unlink(missing_ok=True)
     names = dict(zip(good, annotated_names(good)))
-    records, files, dets = [], [], []
-    for batch in _batches(engine, good, batch_size):
-        for path, image, d in batch:
-            dets.append(d)
-            kept = d.above(score_threshold)
-            records += kept.to_coco(len(dets), path.name)
-            if draw_images:
-                draw(image, kept, engine.class_names, out_dir / names[path])
-                files.append(out_dir / names[path])
+    records, files = [], []
+    for i, (path, d) in enumerate(pairs, 1):
+        kept = d.above(score_threshold)
+        records += kept.to_coco(i, path.name)
+        if draw_images:  # decoded again here: a large folder's images never sit in memory together
+            draw(read_image(path), kept, engine.class_names, out_dir / names[path])
+            files.append(out_dir / names[path])
     notes = []
     broken = [p.name for p, d in zip(good, dets) if not (d.scores.isfinite().all() and d.boxes_xyxy.isfinite().all())]
     if broken:  # NaN scores fail every threshold: without this the run would look like "0 detections"
