@@ -84,6 +84,15 @@ def test_official_structure_matches_the_official_decoder():
     assert "ReLU" not in acts["model.decoder.query_pos_head"]
 
 
+@pytest.mark.parametrize("name", DINOV3)
+def test_dinov3_checkpoints_are_refused_in_one_line(name):
+    from toolkit.models.official_deimv2 import load_deimv2_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"DINOv3 checkpoint .* only the HGNetV2 ones .* are remapped") as e:
+        load_deimv2_checkpoint(meta_state(name))
+    assert "\n" not in str(e.value)
+
+
 def test_inconclusive_weights_are_refused():
     state = meta_state("deimv2_atto")
     del state["decoder.dec_score_head.0.weight"]  # an incomplete checkpoint fits no config completely
@@ -118,3 +127,13 @@ def test_load_and_reproduce_the_official_outputs(atto_checkpoint, atto_reference
     m = match_permutation(want, {"labels": labels[0], "boxes": boxes[0], "scores": scores[0]}, score_band=1e-5)
     assert m.compared >= k - 2 and m.label_mismatches == 0, m  # all but the top-K boundary band
     assert m.max_box_diff < 1e-3 and m.max_score_diff < 1e-5, m
+
+
+@pytest.mark.slow
+def test_the_official_structure_survives_export(atto_checkpoint, tmp_path):
+    """The patched decoder (query position embedding once, SiLU heads, no enc_output) is what the ONNX graph computes:
+    the export (BatchNorm folded on a copy) verifies against the loaded torch model."""
+    from toolkit.export.onnx import export_onnx
+
+    result = export_onnx(load_model(atto_checkpoint), tmp_path / "atto.onnx")
+    assert result.verify.verdict == "agree" and result.verify.ok, result.verify.summary()

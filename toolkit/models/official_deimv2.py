@@ -124,9 +124,9 @@ def official_structure(model: nn.Module) -> nn.Module:
         if type(module).__name__ != "Deimv2MLP" or not hasattr(module, "act"):
             continue
         if re.search(r"(^|\.)(enc_bbox_head|pre_bbox_head|bbox_embed\.\d+)$", name):
-            module.act = ACT2CLS[config.decoder_activation_function]()
+            module.act = ACT2CLS[getattr(config, "decoder_activation_function", "silu")]()
         elif re.search(r"lqe_layers\.\d+\.reg_conf$", name):
-            module.act = ACT2CLS[config.activation_function]()
+            module.act = ACT2CLS[getattr(config, "activation_function", "silu")]()
     decoder = getattr(inner, "decoder", None)
     if decoder is not None and hasattr(decoder, "query_pos_head") and "forward" not in decoder.__dict__:
         _first_query_pos(decoder)
@@ -201,6 +201,9 @@ def load_deimv2_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config
     where = name or ("the state dict" if isinstance(path, Mapping) else str(path))
     if not looks_deimv2(state):
         raise CheckpointError(f"{where}: not an official DEIMv2 checkpoint (no decoder.decoder.lqe_layers.* / *.swish_ffn.w12.* keys)")
+    if any(k.startswith("backbone.dinov3.") for k in state):
+        raise CheckpointError(f"{where}: an official DEIMv2 DINOv3 checkpoint (S/M/L/X); only the HGNetV2 ones (Atto, Femto, Pico, N) "
+                              "are remapped: convert it to a Hugging Face directory with transformers' DEIMv2 converter and load that")
     try:
         cfg = load_config(config if config is not None else infer_config(state))
     except CheckpointError as e:
