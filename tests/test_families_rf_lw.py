@@ -253,3 +253,19 @@ def test_fp16_selection_order_tie_is_inconclusive_not_a_failure(mini_models, tmp
     assert result.verify.verdict == "inconclusive" and not result.verify.ok, result.verify.summary()
     assert any(c.tied and c.order_gap is not None and c.order_gap < c.boundary_gap for c in result.verify.checks)
     assert any("INSIDE the top-K" in n for n in result.verify.notes), result.verify.notes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MINI)
+def test_gpu_fp16_onnx_on_cuda_matches_torch_fp16(name, tmp_path):
+    """The fp16 file on ONNX Runtime's CUDA provider against eager torch fp16 on CUDA, detection by detection, on the
+    weights whose selection is tie-free in order at fp16 resolution (above)."""
+    from toolkit.export.onnx import export_onnx
+
+    model = _four_query_model(name)
+    path = tmp_path / "h.onnx"
+    export_onnx(model, path, precision="fp16")
+    engine = toolkit.load(path, device="cuda")
+    assert engine.device.type == "cuda"
+    report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda", precision="fp16"), engine)
+    assert report.ok and report.verdict == "agree", report.summary()
