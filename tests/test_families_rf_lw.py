@@ -238,11 +238,15 @@ def test_fp16_export_verifies_against_torch(name, tmp_path):
     from toolkit.export.onnx import export_onnx
     from toolkit.export.verify import TOLERANCES
 
-    result = export_onnx(_four_query_model(name), tmp_path / "h.onnx", precision="fp16")
+    model = _four_query_model(name)
+    result = export_onnx(model, tmp_path / "h.onnx", precision="fp16")
     assert result.verify.verdict == "agree" and result.verify.ok, result.verify.summary()
     tie_gap = TOLERANCES["fp16"][1]
     assert all(c.order_gap is not None and c.order_gap >= tie_gap and c.boundary_gap >= tie_gap and c.final_compared > 0
                for c in result.verify.checks), result.verify.summary()
+    # and against the fp32 torch model, detection by detection (verify's torch side runs fp16 like the graph)
+    report = toolkit.compare(toolkit.load(tmp_path / "h.onnx", device="cpu"), toolkit.load(model, backend="torch", device="cpu"))
+    assert report.ok and report.verdict == "agree" and sum(s.matched for s in report.images) > 0, report.summary()
 
 
 def test_fp16_selection_order_tie_is_inconclusive_not_a_failure(mini_models, tmp_path):
