@@ -1,5 +1,6 @@
 """Synthetic official D-FINE weights from a manifest (shared by tests/test_official_dfine.py and the script that
-recorded tests/data/official_dfine/*_outputs.json with the official model code)."""
+recorded tests/data/official_dfine/*_outputs.json with the official model code; DEIMv2 reuses them with
+its own manifests, tests/official_deimv2_data.py)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ import torch
 MANIFESTS = Path(__file__).parent / "data" / "official_dfine"
 
 
-def manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
+def manifest(name: str, root: Path = MANIFESTS) -> dict:
+    return json.loads((root / f"{name}.json").read_text())
 
 
-def synthetic_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_state(name: str, seed: int = 0, root: Path = MANIFESTS) -> dict[str, torch.Tensor]:
     """Random tensors of the manifest's names/shapes/dtypes, scaled so that activations stay finite and the
     query selection untied. The official buffers that define the box decoding (``up``, ``reg_scale``) keep
     D-FINE's values: random ones would make the distribution-to-box integral meaningless."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, spec in manifest(name)["tensors"].items():
+    for key, spec in manifest(name, root)["tensors"].items():
         shape, dtype = spec["shape"], getattr(torch, spec["dtype"])
         if key.endswith((".up", "decoder.up")):
             state[key] = torch.full(shape, 0.5)

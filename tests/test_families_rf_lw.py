@@ -211,3 +211,65 @@ def test_torch_export_dynamic_batch(mini_models, name):
         ref = model(images, sizes)
     got = program.module()(images, sizes)
     assert torch.equal(got[0], ref[0]) and torch.allclose(got[1], ref[1], atol=1e-3) and torch.allclose(got[2], ref[2], atol=1e-5)
+
+
+# --- fp16 ----------------------------------------------------------------------------------------------------
+# Why the *_mini models' fp16 export used to FAIL by ~10-20 px: RF-DETR and LW-DETR bind each selected proposal to
+# its top-K slot's learned query (query_feat, reference_point_embed), so the ORDER of the encoder's selection
+# matters, not only its set. The minis' 30 selected scores lie as close as 3e-4 apart, below fp16 rounding (~1e-2
+# on these logits): fp16 reorders two of them and the two proposals swap their learned queries (measured: same
+# selected set in fp16 and fp32 on all five verification images, different order exactly on the two images whose
+# boxes moved; the fp32 model itself moves as far when only its weights are rounded to fp16, so no fp32 island can
+# help). verify now treats such an order tie as a tie (inconclusive, never a false FAIL), and the agree test below
+# uses weights whose selection is tie-free in order at fp16 resolution: 4 queries, measured gaps >= 0.017.
+FP16_SEEDS = {"rfdetr_mini": 3, "lwdetr_mini": 6}  # make_tie_free_ seeds with order and boundary gaps >= 0.017 (fp16 and fp32)
+
+
+def _four_query_model(name: str):
+    import dataclasses
+
+    cfg = load_config(name)
+    cfg = dataclasses.replace(cfg, hf_config={**cfg.hf_config, "num_queries": 4}, top_k=4 * len(cfg.class_names))
+    return make_tie_free_(build_model(cfg, seed=0), seed=FP16_SEEDS[name], std=NOISE)
+
+
+@pytest.mark.parametrize("name", MINI)
+def test_fp16_export_verifies_against_torch(name, tmp_path):
+    from toolkit.export.onnx import export_onnx
+    from toolkit.export.verify import TOLERANCES
+
+    model = _four_query_model(name)
+    result = export_onnx(model, tmp_path / "h.onnx", precision="fp16")
+    assert result.verify.verdict == "agree" and result.verify.ok, result.verify.summary()
+    tie_gap = TOLERANCES["fp16"][1]
+    assert all(c.order_gap is not None and c.order_gap >= tie_gap and c.boundary_gap >= tie_gap and c.final_compared > 0
+               for c in result.verify.checks), result.verify.summary()
+    # and against the fp32 torch model, detection by detection (verify's torch side runs fp16 like the graph)
+    report = toolkit.compare(toolkit.load(tmp_path / "h.onnx", device="cpu"), toolkit.load(model, backend="torch", device="cpu"))
+    assert report.ok and report.verdict == "agree" and sum(s.matched for s in report.images) > 0, report.summary()
+
+
+def test_fp16_selection_order_tie_is_inconclusive_not_a_failure(mini_models, tmp_path):
+    """The 30-query LW-DETR mini: its fp16 selection reorders near-equal scores (see above); verify says so."""
+    from toolkit.export.onnx import export_onnx
+
+    result = export_onnx(mini_models["lwdetr_mini"], tmp_path / "h.onnx", precision="fp16")
+    assert result.verify.verdict == "inconclusive" and not result.verify.ok, result.verify.summary()
+    assert any(c.tied and c.order_gap is not None and c.order_gap < c.boundary_gap for c in result.verify.checks)
+    assert any("INSIDE the top-K" in n for n in result.verify.notes), result.verify.notes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MINI)
+def test_gpu_fp16_onnx_on_cuda_matches_torch_fp16(name, tmp_path):
+    """The fp16 file on ONNX Runtime's CUDA provider against eager torch fp16 on CUDA, detection by detection, on the
+    weights whose selection is tie-free in order at fp16 resolution (above)."""
+    from toolkit.export.onnx import export_onnx
+
+    model = _four_query_model(name)
+    path = tmp_path / "h.onnx"
+    export_onnx(model, path, precision="fp16")
+    engine = toolkit.load(path, device="cuda")
+    assert engine.device.type == "cuda"
+    report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda", precision="fp16"), engine)
+    assert report.ok and report.verdict == "agree", report.summary()

@@ -123,7 +123,8 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
 
     ``source`` may be a DeployModel or nn.Module (``config`` gives class names and input size for a bare
     module), a Hugging Face checkpoint directory, a weights file (.safetensors/.pth/.pt, needs ``config``
-    unless it is an official RT-DETR checkpoint: see :mod:`toolkit.models.official`), or None to build ``config``
+    unless it is an official RT-DETR, D-FINE or DEIMv2 checkpoint: see :mod:`toolkit.models.official`,
+    :mod:`toolkit.models.official_dfine`, :mod:`toolkit.models.official_deimv2`), or None to build ``config``
     with random weights.
     """
     if isinstance(source, nn.Module):
@@ -155,9 +156,12 @@ def load_model(source: Any = None, *, config: str | Path | None = None, seed: in
                               f"drop --config {config} (configs are for weights files and random weights)")
         return load_hf_directory(path)
     from .official import load_official_checkpoint, looks_official
+    from .official_deimv2 import load_deimv2_checkpoint, looks_deimv2
     from .official_dfine import load_dfine_checkpoint, looks_dfine
 
     state = _read_state_dict(path)
+    if looks_deimv2(state):  # an Intellindust-AI-Lab/DEIMv2 checkpoint (its names extend D-FINE's: checked first)
+        return load_deimv2_checkpoint(state, config=config, name=str(path))
     if looks_dfine(state):  # a Peterande/D-FINE checkpoint (its names extend RT-DETR's: checked first)
         return load_dfine_checkpoint(state, config=config, name=str(path))
     if looks_official(state):  # a lyuwenyu/RT-DETR checkpoint: keys remapped, config inferred when not given

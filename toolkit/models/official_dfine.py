@@ -33,7 +33,6 @@ _DEC_LAYER = {**_ENC_LAYER, "norm3": "final_layer_norm", "norm2": "encoder_attn_
 _CSP = {"cv1": "conv1", "cv2.0": "csp_rep1", "cv2.1": "conv2", "cv3.0": "csp_rep2", "cv3.1": "conv3", "cv4": "conv4"}
 _SEQ = {"conv": "0", "norm": "1", "proj": "0"}
 _BACKBONE_MOD = {"conv": "convolution", "bn": "normalization", "lab": "lab"}
-_QKV = "{qkv}"  # target of an nn.MultiheadAttention in_proj: split into q/k/v along dim 0
 
 # (official key regex, transformers key template); the first full match wins. Groups named after a table
 # above are renamed through it. The top-level ``class_embed`` / ``bbox_embed`` of transformers are the
@@ -64,21 +63,29 @@ RULES: tuple[tuple[str, tuple[str, ...], dict[str, dict[str, str]]], ...] = (
     (r"decoder\.(?P<part>denoising_class_embed|enc_score_head|enc_bbox_head)\.(?P<rest>.+)", ("model.{part}.{rest}",), {}),
     (r"decoder\.enc_output\.(?P<seq>proj|norm)\.(?P<p>\w+)", ("model.enc_output.{seq}.{p}",), {"seq": _SEQ}),
 )
-_COMPILED = tuple((re.compile(p), t, tables) for p, t, tables in RULES)
+_COMPILED = tuple((re.compile(p), t, tables) for p, t, tables in RULES)  # see compile_rules
 
 # By design not loaded: anchors (transformers computes them for the input size), the decoder's duplicate copies
 # of ``up`` / ``reg_scale`` (its decoder holds them), and BatchNorm step counters where transformers has none.
 IGNORED = (re.compile(r".*\.num_batches_tracked"), re.compile(r"decoder\.(anchors|valid_mask|up|reg_scale)"))
 
 
-def _targets(key: str) -> tuple[list[str], bool] | None:
-    """(transformers keys, whether the tensor is split into q/k/v among them) of one official key."""
-    for pattern, templates, tables in _COMPILED:
+_SPLITS = {"{qkv}": ("qkv", ("q", "k", "v")), "{gu}": ("gu", ("gate", "up"))}  # fused tensors: split along dim 0
+
+
+def compile_rules(rules) -> tuple:
+    return tuple((re.compile(p), t, tables) for p, t, tables in rules)
+
+
+def _targets(key: str, compiled: tuple = _COMPILED) -> tuple[list[str], bool] | None:
+    """(transformers keys, whether the tensor is split among them along dim 0) of one official key."""
+    for pattern, templates, tables in compiled:
         m = pattern.fullmatch(key)
         if m:
             groups = {k: tables[k][v] if k in tables else v for k, v in m.groupdict().items()}
-            if _QKV in templates[0]:
-                return [templates[0].format(qkv=x, **groups) for x in ("q", "k", "v")], True
+            for marker, (field_name, parts) in _SPLITS.items():
+                if marker in templates[0]:
+                    return [templates[0].format(**{field_name: x}, **groups) for x in parts], True
             return [t.format(**groups) for t in templates], False
     return None
 
@@ -94,8 +101,10 @@ def looks_dfine(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("decoder.decoder.lqe_layers.") for k in state) and any(k.startswith("backbone.stem.") for k in state)
 
 
-def plan_load(model: nn.Module, state: Mapping[str, torch.Tensor], config: str = "") -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Remap an official D-FINE state dict onto ``model`` (transformers) and check every name and shape; loads nothing.
+def plan_load(model: nn.Module, state: Mapping[str, torch.Tensor], config: str = "", *, compiled: tuple = _COMPILED,
+              ignored: tuple = IGNORED) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Remap an official D-FINE state dict (or, with DEIMv2's ``compiled`` rules and ``ignored`` patterns, a DEIMv2
+    one) onto ``model`` (transformers) and check every name and shape; loads nothing.
 
     Tied tensors (the top-level heads are the decoder's) count once; works on meta tensors.
     """
@@ -106,15 +115,15 @@ def plan_load(model: nn.Module, state: Mapping[str, torch.Tensor], config: str =
     report = LoadReport(config=config)
     fits: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        found = _targets(key)
+        found = _targets(key, compiled)
         if found is None:
-            (report.ignored if any(p.fullmatch(key) for p in IGNORED) else report.unexpected).append(key)
+            (report.ignored if any(p.fullmatch(key) for p in ignored) else report.unexpected).append(key)
             continue
         targets, split = found
-        parts = tensor.chunk(3, dim=0) if split else (tensor,) * len(targets)
+        parts = tensor.chunk(len(targets), dim=0) if split else (tensor,) * len(targets)
         for name, part in zip(targets, parts):
             if name not in target:
-                (report.ignored if any(p.fullmatch(key) for p in IGNORED) else report.unexpected).append(key)
+                (report.ignored if any(p.fullmatch(key) for p in ignored) else report.unexpected).append(key)
             elif tuple(part.shape) != tuple(target[name].shape):
                 report.misshaped.append((name, tuple(part.shape), tuple(target[name].shape)))
             else:

@@ -37,6 +37,10 @@ class Family:
     config_prefixes: tuple[str, ...] = field(default_factory=tuple)  # named configs of this family (configs/PREFIX*)
     # around any export (ONNX tracing included) at the model's fixed input size (H, W): RF-DETR's frozen position embedding
     trace_patches_for: Callable[[nn.Module, tuple[int, int]], ContextManager[None]] = _no_trace_patches
+    # the decoder binds each selected proposal to its top-K slot's learned query (content and reference delta), so
+    # the ORDER of the selection matters, not only its set (LW-DETR, RF-DETR); RT-DETR's family takes the content
+    # from the selected memory itself and is permutation-equivariant over the selected queries
+    slot_bound_queries: bool = False
 
     def normalization(self, hf_config: Any) -> Normalization | None:
         """(mean, std) the network expects its input normalized with, or None for [0, 1] input."""

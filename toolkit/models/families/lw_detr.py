@@ -32,5 +32,6 @@ FAMILY = Family(
     model_types={"lw_detr": "LwDetr"},
     normalization_for=normalization,
     export_patches_for=export_patches,
+    slot_bound_queries=True,
     config_prefixes=("lwdetr_",),
 )

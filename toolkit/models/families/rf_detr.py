@@ -88,5 +88,6 @@ FAMILY = Family(
     normalization_for=normalization,
     export_patches_for=export_patches,
     trace_patches_for=trace_patches,
+    slot_bound_queries=True,
     config_prefixes=("rfdetr_",),
 )
