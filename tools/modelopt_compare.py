@@ -38,7 +38,7 @@ def main() -> None:
     from toolkit.data.shapes import write_split
     from toolkit.export.calibration import feeds_from_batches
     from toolkit.export.onnx import export_onnx
-    from toolkit.export.quantize import _copy_metadata, fused_ops, prepare_graph, quantize_graph
+    from toolkit.export.quantize import _copy_metadata, _save_sealed, fused_ops, prepare_graph, quantize_graph
     from toolkit.runtime.engine import load
     from toolkit.runtime.preprocessing import engine_preprocess, preprocess
     from toolkit.tasks.demo import fixture_path
@@ -79,7 +79,7 @@ def main() -> None:
     mo = onnx.load(str(mo_path))  # the fp32 file's metadata (preprocessing, class names) so the toolkit can load it
     _copy_metadata(prepared, mo, {"precision": "int8", "quantization": json.dumps({"tool": f"modelopt {modelopt.__version__}"})})
     meta_keys = [p.key for p in mo.metadata_props]
-    onnx.save(mo, str(mo_path))
+    _save_sealed(mo, mo_path)
 
     ann = write_split(work / "eval", "val", args.eval, seed=SYNTHETIC_SEED, size=spec.size[0])
     eval_paths = sorted((work / "eval" / "val").glob("*.png"))

@@ -190,7 +190,8 @@ def fp16_candidates(model: Any, skip: Sequence[str] = ()) -> list[str]:
 def repair_fp16(path: Any, *, max_evals: int = DEFAULT_MAX_EVALS, images: Any = None,
                 say: Callable[[str], None] | None = None) -> IslandSearch:
     """The compare-driven search on the fp16 ONNX file at ``path`` (its reference: the fp32 twin of the same graph,
-    :func:`toolkit.export.islands.fp32_twin`); when islands are found the file is rewritten in place (atomically)
+    :func:`toolkit.export.islands.fp32_twin`; the fp16 side: :func:`toolkit.export.islands.fp16_emulation`, because
+    ONNX Runtime CPU hides fp16 rounding); when islands are found the file is rewritten in place (atomically)
     with them, listed in its ``fp16_accuracy_islands`` metadata entry."""
     import json
     import tempfile
@@ -199,7 +200,7 @@ def repair_fp16(path: Any, *, max_evals: int = DEFAULT_MAX_EVALS, images: Any = 
     import onnx
 
     from ..atomic import atomic_path
-    from ..export.islands import apply_islands, fp32_twin
+    from ..export.islands import apply_islands, fp16_emulation, fp32_twin
     from ..export.quantize import _copy_metadata, _save_sealed
 
     path = Path(path)
@@ -217,12 +218,15 @@ def repair_fp16(path: Any, *, max_evals: int = DEFAULT_MAX_EVALS, images: Any = 
             m = onnx.ModelProto()
             m.CopyFrom(model)
             apply_islands(m, nodes)
+            emulated = fp16_emulation(m)
+            _copy_metadata(model, emulated, {"precision": "fp32"})
             count[0] += 1
             out = Path(tmp) / f"candidate_{count[0]}.onnx"
-            _save_sealed(m, out)
+            _save_sealed(emulated, out)
             return out
 
-        result = run_search(twin_path, path, fp16_candidates(model, done), build, images, max_evals=max_evals, say=say)
+        result = run_search(twin_path, build([]), fp16_candidates(model, done), build, images, max_evals=max_evals,
+                            bisect_rtol=1e-2, say=say)
         if result.needed and result.agrees:
             fixed = onnx.ModelProto()
             fixed.CopyFrom(model)
