@@ -80,3 +80,63 @@ def test_fp16_accuracy_islands_find_a_planted_rounding_failure(tmp_path):
     # the repaired file: the Sub's input is fp32 now, and run again the search finds nothing left to do
     again = repair_fp16(result.path)
     assert not again.needed and again.agrees, again.summary()
+
+
+def _plant_int8_outlier(src, dst, k=2000.0):
+    """The fixture's fp32 graph with one channel of a Conv -> Relu -> Conv chain scaled by ``k`` before the Relu and
+    by 1/k after it: the same fp32 function (Relu is positively homogeneous), but the second Conv's input now has one
+    channel ``k`` times wider than the rest, so per-tensor INT8 activations round every other channel to zero."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in g.initializer}
+    for b in g.node:
+        r = producer.get(b.input[0]) if b.op_type == "Conv" and "/backbone/" in b.name else None
+        a = producer.get(r.input[0]) if r is not None and r.op_type == "Relu" else None
+        if a is None or a.op_type != "Conv" or len(a.input) < 3 or len(consumers[r.output[0]]) != 1 or b.input[1] not in inits:
+            continue
+        wa, ba, wb = (numpy_helper.to_array(inits[x]).copy() for x in (a.input[1], a.input[2], b.input[1]))
+        wa[0] *= k
+        ba[0] *= k
+        wb[:, 0] /= k
+        for x, v in ((a.input[1], wa), (a.input[2], ba), (b.input[1], wb)):
+            inits[x].CopyFrom(numpy_helper.from_array(v, x))
+        del m.metadata_props[:]  # an edited graph: no integrity record, no claim to be the export
+        onnx.save(m, str(dst))
+        return b.name
+    raise AssertionError("no Conv -> Relu -> Conv chain in the fixture's backbone")
+
+
+@pytest.mark.slow
+def test_int8_accuracy_islands_find_a_planted_activation_outlier(tmp_path):
+    """The planted outlier makes the INT8 graph disagree with fp32; the search keeps that Conv fp32 and the result
+    passes the compare gate. Reference: the same quantization without the search is refused."""
+    from toolkit.export.onnx import export_onnx
+    from toolkit.tasks.demo import fixture_path
+    from toolkit.tasks.quantize import QuantizationRefused, quantize
+
+    src = export_onnx(fixture_path(), tmp_path / "shapes.onnx", verify=False).path
+    m = onnx.load(str(src))
+    planted = tmp_path / "planted.onnx"
+    conv = _plant_int8_outlier(src, planted)
+    pm = onnx.load(str(planted))  # keep preprocessing and class names (the file says it is fp32), drop the seal
+    pm.metadata_props.extend([p for p in m.metadata_props if p.key != "rtdetr_deploy_integrity"])
+    onnx.save(pm, str(planted))
+    kw = dict(synthetic=16, eval_synthetic=24, min_speedup=None, progress=False)
+    with pytest.raises(QuantizationRefused) as e:
+        quantize(planted, tmp_path / "plain.int8.onnx", auto_islands=False, **kw)
+    assert "compare" in {g.name for g in e.value.report.failed()}, e.value.report.table()
+    lines: list[str] = []
+    report = quantize(planted, tmp_path / "fixed.int8.onnx", say=lines.append, **kw)
+    search = report.info["island_search"]
+    assert search["needed"] and search["agrees"] and conv in search["islands"], (search, lines)
+    assert len(search["islands"]) <= 3 and search["evaluations"] <= 16
+    assert {g.name: g.passed for g in report.gates}["compare"] is True, report.table()
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "fixed.int8.onnx")).metadata_props}
+    assert conv in json.loads(meta["int8_islands"])

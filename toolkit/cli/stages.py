@@ -221,6 +221,8 @@ def quantize(
     min_speedup: float = typer.Option(1.0, help="INT8 must be at least this many times faster than fp32 (ONNX Runtime CPU)."),
     force: bool = typer.Option(False, "--force", help="Write a result that fails a gate (labelled so in its metadata)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the gate report as JSON."),
+    auto_islands: bool = typer.Option(True, "--auto-islands/--no-auto-islands",
+                                      help="When the INT8 graph disagrees with fp32, search for the nodes to keep fp32 (bounded)."),
 ) -> None:
     """Post-training INT8 that is faster and as accurate as fp32, or refused with the figures (exit 1)."""
     from ..atomic import write_text
@@ -231,7 +233,7 @@ def quantize(
     try:
         report = run_quantize(model, output, calib, synthetic, method=method, exclude=parts, activations=activations, scope=scope,
                               eval_data=eval_data, eval_synthetic=eval_synthetic, max_map_drop=max_map_drop,
-                              min_speedup=min_speedup, force=force, say=lambda line: console.print(line, highlight=False))
+                              min_speedup=min_speedup, force=force, auto_islands=auto_islands, say=lambda line: console.print(line, highlight=False))
     except QuantizationRefused as e:
         console.print(e.report.table(), highlight=False)
         if json_path is not None:

@@ -56,6 +56,7 @@ class QuantizeInfo:
     excluded: list[str] = field(default_factory=list)  # the user's --exclude entries
     fused: dict[str, int] = field(default_factory=dict)  # op counts after ONNX Runtime's session optimizations
     prepared: bool = True
+    islands: list[str] = field(default_factory=list)  # nodes kept fp32 by the compare-driven search
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,19 +107,20 @@ def split_exclude(model: Any, exclude: Sequence[str]) -> tuple[set[str], list[st
     return op_types, patterns
 
 
-def select_nodes(model: Any, scope: str = "body", exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+def select_nodes(model: Any, scope: str = "body", exclude: Sequence[str] = (), keep_fp32: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """(nodes the quantizer may quantize, nodes kept fp32) for ``scope``: ``body`` quantizes the backbone and
     encoder (all of the graph when no node is named like RT-DETR's), ``all`` everything outside ``exclude``."""
     if scope not in SCOPES:
         raise InputError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     ex_ops, ex_names = split_exclude(model, exclude)
+    exact = set(keep_fp32)  # node names, matched exactly (the island search's result)
     nodes = list(model.graph.node)
     named = any(p in n.name for n in nodes for p in BODY_PATTERNS)
     quantize, keep = [], []
     for n in nodes:
         inside = scope == "all" or not named or any(p in n.name for p in BODY_PATTERNS)
         sensitive = scope != "all" and (n.op_type in FP32_OP_TYPES or any(p in n.name for p in SENSITIVE_PATTERNS))
-        if inside and not sensitive and n.op_type not in ex_ops and not any(p in n.name for p in ex_names):
+        if inside and not sensitive and n.op_type not in ex_ops and n.name not in exact and not any(p in n.name for p in ex_names):
             quantize.append(n.name)
         else:
             keep.append(n.name)
@@ -136,6 +138,7 @@ def quantize_graph(
     exclude: Sequence[str] = (),
     prepare: bool = True,
     progress: bool = True,
+    keep_fp32: Sequence[str] = (),
 ) -> QuantizeInfo:
     """Quantize ``source`` (an ONNX path or ModelProto) to Q/DQ INT8 at ``output`` (written as is, not atomically:
     the caller writes to a temporary path), calibrated on ``feeds`` (ONNX Runtime feed dicts). Metadata and the
@@ -149,7 +152,7 @@ def quantize_graph(
         raise InputError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     original = onnx.load(str(source)) if isinstance(source, (str, Path)) else source
     model = prepare_graph(original) if prepare else original
-    quantize, keep = select_nodes(model, scope, exclude)
+    quantize, keep = select_nodes(model, scope, exclude, keep_fp32)
     if not any(n.op_type in ("Conv", "MatMul", "Gemm") and n.name in set(quantize) for n in model.graph.node):
         raise InputError("nothing to quantize: the exclusions leave no Conv, MatMul or Gemm node in INT8")
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
@@ -171,11 +174,52 @@ def quantize_graph(
             raise ExportError(f"ONNX Runtime's quantize_static failed: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
     result = onnx.load(str(output))
     _check_io(original, result)
-    info = QuantizeInfo(method, activations, scope, len(feeds), len(quantize), len(keep), list(exclude), prepared=prepare)
+    info = QuantizeInfo(method, activations, scope, len(feeds), len(quantize), len(keep), list(exclude), prepared=prepare,
+                        islands=list(keep_fp32))
     info.fused = fused_ops(output)
     _copy_metadata(original, result, {"precision": "int8", "quantization": json.dumps(info.to_dict(), sort_keys=True)})
     _save_sealed(result, output)
     return info
+
+
+def quantized_compute_nodes(model: Any) -> list[str]:
+    """Nodes of a Q/DQ graph (topological order) that take at least one input through a DequantizeLinear."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq for i in n.input)]
+
+
+def dequantize_nodes(model: Any, fp32: Any, nodes: Sequence[str]) -> Any:
+    """A copy of the Q/DQ ``model`` where ``nodes`` read fp32 again: an activation input comes straight from the
+    tensor before its QuantizeLinear, a weight from ``fp32`` (the prepared graph) under its original name. No new
+    calibration, so the island search can try many sets cheaply; the file written at the end is quantized anew with
+    the nodes excluded (``keep_fp32``)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    originals = {i.name: i for i in fp32.graph.initializer}
+    wanted = set(nodes)
+    for n in g.node:
+        if n.name not in wanted:
+            continue
+        for k, x in enumerate(n.input):
+            d = producer.get(x)
+            if d is None or d.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(d.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[k] = q.input[0]
+            elif d.input[0] in inits:
+                name = d.input[0].removesuffix("_quantized")
+                if name in originals:
+                    if name not in inits:
+                        g.initializer.append(originals[name])
+                        inits.add(name)
+                    n.input[k] = name
+    return out
 
 
 def fused_ops(path: str | Path) -> dict[str, int]:
