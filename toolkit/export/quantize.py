@@ -1,6 +1,6 @@
 """Post-training INT8 of an exported ONNX file: Q/DQ nodes in the graph, through ONNX Runtime's quantization tools.
 
-What decides whether INT8 pays on ONNX Runtime CPU (measured on the shapes fixture, ``docs/quantization.md``):
+What decides whether INT8 pays on ONNX Runtime CPU (measured on the shapes fixture, ``docs/precision.md``):
 
 * **Fold the frozen batch norms first.** The exported RT-DETR backbone computes its FrozenBatchNorm as a ``Mul``
   and an ``Add`` after each ``Conv``. Quantized as exported, the Q/DQ pair lands between the Conv and the Mul,
