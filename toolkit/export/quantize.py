@@ -214,11 +214,14 @@ def dequantize_nodes(model: Any, fp32: Any, nodes: Sequence[str]) -> Any:
                 n.input[k] = q.input[0]
             elif d.input[0] in inits:
                 name = d.input[0].removesuffix("_quantized")
-                if name in originals:
-                    if name not in inits:
-                        g.initializer.append(originals[name])
-                        inits.add(name)
-                    n.input[k] = name
+                if name in originals:  # under a new name: the quantizer may have given the original to the DQ output
+                    fresh = f"{name}__fp32"
+                    if fresh not in inits:
+                        t = g.initializer.add()
+                        t.CopyFrom(originals[name])
+                        t.name = fresh
+                        inits.add(fresh)
+                    n.input[k] = fresh
     return out
 
 
