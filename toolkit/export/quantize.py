@@ -189,39 +189,62 @@ def quantized_compute_nodes(model: Any) -> list[str]:
 
 
 def dequantize_nodes(model: Any, fp32: Any, nodes: Sequence[str]) -> Any:
-    """A copy of the Q/DQ ``model`` where ``nodes`` read fp32 again: an activation input comes straight from the
-    tensor before its QuantizeLinear, a weight from ``fp32`` (the prepared graph) under its original name. No new
-    calibration, so the island search can try many sets cheaply; the file written at the end is quantized anew with
-    the nodes excluded (``keep_fp32``)."""
+    """A copy of the Q/DQ ``model`` where ``nodes`` read fp32 again: each input that comes through a DequantizeLinear
+    is replaced by the tensor the node reads in ``fp32`` (the prepared graph the quantizer started from, same node
+    names). Where the quantizer removed that tensor's producer (a Relu after a Conv folds into the Q range), the
+    producer chain is copied back from ``fp32`` in front of the node. No new calibration, so the island search can
+    try many sets cheaply; the file written at the end is quantized anew with the nodes excluded (``keep_fp32``)."""
     import onnx
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     producer = {o: n for n in g.node for o in n.output}
-    inits = {i.name for i in g.initializer}
-    originals = {i.name: i for i in fp32.graph.initializer}
+    given = {i.name for i in g.initializer} | {i.name for i in g.input}
+    names: dict[str, str] = {}  # fp32 tensor -> its name in the copy
+    ref_nodes = {n.name: n for n in fp32.graph.node}
+    ref_producer = {o: n for n in fp32.graph.node for o in n.output}
+    ref_inits = {i.name: i for i in fp32.graph.initializer}
     wanted = set(nodes)
+    new_nodes = []
     for n in g.node:
-        if n.name not in wanted:
-            continue
-        for k, x in enumerate(n.input):
-            d = producer.get(x)
-            if d is None or d.op_type != "DequantizeLinear":
-                continue
-            q = producer.get(d.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                n.input[k] = q.input[0]
-            elif d.input[0] in inits:
-                name = d.input[0].removesuffix("_quantized")
-                if name in originals:  # under a new name: the quantizer may have given the original to the DQ output
-                    fresh = f"{name}__fp32"
-                    if fresh not in inits:
-                        t = g.initializer.add()
-                        t.CopyFrom(originals[name])
-                        t.name = fresh
-                        inits.add(fresh)
-                    n.input[k] = fresh
+        ref = ref_nodes.get(n.name) if n.name in wanted else None
+        before: list[Any] = []
+        if ref is not None and len(ref.input) == len(n.input):
+
+            def ensure(t: str) -> str:
+                """The name under which ``t`` (a tensor of ``fp32``) holds its fp32 value in the copy."""
+                if not t or t in names:
+                    return names.get(t, t)
+                if t in given or (t in producer and t in ref_producer and producer[t].name == ref_producer[t].name):
+                    names[t] = t
+                elif t in ref_producer:  # removed or renamed by the quantizer: copy its producer back
+                    p = ref_producer[t]
+                    copy = onnx.NodeProto()
+                    copy.CopyFrom(p)
+                    copy.name = f"{p.name}__fp32"
+                    for j, x in enumerate(p.input):
+                        copy.input[j] = ensure(x)
+                    for j, y in enumerate(p.output):
+                        if y:
+                            names[y] = copy.output[j] = f"{y}__fp32"
+                    before.append(copy)
+                elif t in ref_inits:
+                    init = g.initializer.add()
+                    init.CopyFrom(ref_inits[t])
+                    init.name = names[t] = f"{t}__fp32"
+                else:
+                    names[t] = t
+                return names[t]
+
+            for k, x in enumerate(n.input):
+                d = producer.get(x)
+                if d is not None and d.op_type == "DequantizeLinear":
+                    n.input[k] = ensure(ref.input[k])
+            new_nodes.extend(before)
+        new_nodes.append(n)
+    del g.node[:]
+    g.node.extend(new_nodes)
     return out
 
 
