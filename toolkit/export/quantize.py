@@ -193,7 +193,8 @@ def dequantize_nodes(model: Any, fp32: Any, nodes: Sequence[str]) -> Any:
     is replaced by the tensor the node reads in ``fp32`` (the prepared graph the quantizer started from, same node
     names). Where the quantizer removed that tensor's producer (a Relu after a Conv folds into the Q range), the
     producer chain is copied back from ``fp32`` in front of the node. No new calibration, so the island search can
-    try many sets cheaply; the file written at the end is quantized anew with the nodes excluded (``keep_fp32``)."""
+    try many sets cheaply, and the set found is written this way (excluding the nodes from quantization instead,
+    ``keep_fp32``, would still quantize their inputs where a quantized producer's output is)."""
     import onnx
 
     out = onnx.ModelProto()

@@ -191,14 +191,14 @@ def quantize(
     ``min_speedup=None`` skips the speed gate (reported as not judged: the accuracy gates still decide);
     ``max_map_drop`` is in mAP points. ``auto_islands``: when the INT8 graph's compare with fp32 disagrees on (up to 16
     of) the calibration images, :func:`toolkit.checks.island_search.run_search` looks for the nodes to keep fp32
-    (at most ``island_evals`` evaluations); the file is then quantized anew with them excluded. Raises :class:`QuantizationRefused` when a gate fails and not ``force``.
+    (at most ``island_evals`` evaluations); the file written is the Q/DQ graph with those nodes reading fp32. Raises :class:`QuantizationRefused` when a gate fails and not ``force``.
     """
     import onnx
     import torch
 
     from ..checks.compare import compare
     from ..export.calibration import feeds_from_batches
-    from ..export.quantize import mark_metadata, quantize_graph
+    from ..export.quantize import fused_ops, mark_metadata, quantize_graph
     from ..runtime.engine import load
     from ..runtime.preprocessing import engine_preprocess, preprocess
     from .evaluate import evaluate
@@ -226,11 +226,10 @@ def quantize(
             search = None
             if auto_islands:
                 search = _search_islands(model, out_tmp, paths[:16], work, island_evals, say)
-                if search.needed and search.agrees:
-                    say(f"quantizing again with {len(search.islands)} node(s) kept fp32: {', '.join(search.islands)}")
-                    info = quantize_graph(model, out_tmp, feeds_from_batches(batches, sizes_dtype), method=method,
-                                          activations=activations, scope=scope, exclude=exclude, progress=progress,
-                                          keep_fp32=search.islands)
+                if search.needed and search.agrees:  # the graph the search judged was written over out_tmp
+                    info.islands = list(search.islands)
+                    info.fused = fused_ops(out_tmp)
+                    mark_metadata(out_tmp, {"quantization": json.dumps(info.to_dict(), sort_keys=True)})
             report = QuantizeReport(None, info.to_dict())
             if search is not None:
                 report.info["island_search"] = search.to_dict()
@@ -304,5 +303,8 @@ def _search_islands(model: Path, int8_path: Path, images: Sequence[Path], work: 
         _save_sealed(dequantize_nodes(qmodel, prepared, nodes), out)
         return out
 
-    return run_search(ref, int8_path, quantized_compute_nodes(qmodel), build, list(images), INT8_THRESHOLDS,
-                      agree=lambda rep: bool(_compare_gate(rep).passed), bisect_rtol=5e-2, max_evals=max_evals, say=say)
+    search = run_search(ref, int8_path, quantized_compute_nodes(qmodel), build, list(images), INT8_THRESHOLDS,
+                        agree=lambda rep: bool(_compare_gate(rep).passed), bisect_rtol=5e-2, max_evals=max_evals, say=say)
+    if search.needed and search.agrees:  # write the graph that was judged (re-quantizing with the nodes excluded
+        _save_sealed(dequantize_nodes(qmodel, prepared, search.islands), int8_path)  # would still quantize their inputs)
+    return search
