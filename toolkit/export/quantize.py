@@ -166,7 +166,10 @@ def quantize_graph(
                 weight_type=QuantType.QInt8, nodes_to_quantize=quantize, nodes_to_exclude=keep,
                 calibrate_method=calib[method], calibration_providers=["CPUExecutionProvider"],
                 extra_options={"ActivationSymmetric": activations == "int8", "CalibTensorRangeSymmetric": False,
-                               "CalibMovingAverage": method == "minmax"},
+                               "CalibMovingAverage": method == "minmax",
+                               # TensorRT(-RTX) dequantizes only 8-bit (and fp8/4-bit) tensors: an int32 bias DQ
+                               # fails its parser, so the TensorRT form keeps biases fp32 (ORT CPU fuses either)
+                               "QuantizeBias": activations != "int8"},
             )
         except InputError:
             raise
