@@ -135,6 +135,19 @@ def _network_precision(network: Any) -> str:
     return "fp16" if "HALF" in seen else "bf16" if "BF16" in seen else "fp32"
 
 
+def _layer_precisions(network: Any) -> dict[str, int]:
+    """How many layers of the network compute in each type (their first output's dtype; INT8 for a Q/DQ graph's
+    quantize layers and the layers TensorRT fuses with them), recorded in the sidecar as ``layer_precisions``."""
+    counts: dict[str, int] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        t = layer.get_output(0) if layer.num_outputs else None
+        if t is not None:
+            name = getattr(t.dtype, "name", str(t.dtype))
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def build(
     onnx_path: Path,
     output: Path,
@@ -291,6 +304,7 @@ def build(
         "compute_capability": cc,
         "precision": built_precision,
         "requested_precision": precision,
+        "layer_precisions": _layer_precisions(network),
         "strongly_typed": bool(strongly_typed or rtx or major >= 11),
         "profile": profile_dict,
         "onnx_file": onnx_path.name,

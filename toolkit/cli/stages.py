@@ -27,6 +27,9 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the file in ONNX Runtime against torch."),
     precision: str = typer.Option("fp32", help="Body precision: fp32, or fp16 (I/O and postprocess stay fp32)."),
     fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold BatchNorm into the convolutions and precompute constants (verified)."),
+    auto_islands: bool = typer.Option(True, "--auto-islands/--no-auto-islands",
+                                      help="fp16: keep in fp32 the nodes that overflow, then (when the detection compare with fp32 "
+                                           "still disagrees) the smallest node group found by a bounded search."),
 ) -> None:
     """Export a model behind the deploy contract to a verified ONNX file; exit 2 (nothing written) when verify finds a
     difference or NaN/Inf, 3 (file written) when it could not judge (tied query selection)."""
@@ -34,7 +37,12 @@ def export(
 
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
                          sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision,
-                         progress=True, fold=fold)
+                         progress=True, fold=fold, auto_islands=auto_islands)
+    if auto_islands and precision != "fp32":
+        from ..checks.island_search import repair_fp16
+
+        search = repair_fp16(result.path, say=lambda line: console.print(line, highlight=False))
+        result.lints.append(search.summary("fp16"))
     if result.fold is not None:
         console.print(result.fold.summary(), highlight=False)
     if result.verify is not None:
@@ -213,6 +221,8 @@ def quantize(
     min_speedup: float = typer.Option(1.0, help="INT8 must be at least this many times faster than fp32 (ONNX Runtime CPU)."),
     force: bool = typer.Option(False, "--force", help="Write a result that fails a gate (labelled so in its metadata)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the gate report as JSON."),
+    auto_islands: bool = typer.Option(True, "--auto-islands/--no-auto-islands",
+                                      help="When the INT8 graph disagrees with fp32, search for the nodes to keep fp32 (bounded)."),
 ) -> None:
     """Post-training INT8 that is faster and as accurate as fp32, or refused with the figures (exit 1)."""
     from ..atomic import write_text
@@ -223,7 +233,7 @@ def quantize(
     try:
         report = run_quantize(model, output, calib, synthetic, method=method, exclude=parts, activations=activations, scope=scope,
                               eval_data=eval_data, eval_synthetic=eval_synthetic, max_map_drop=max_map_drop,
-                              min_speedup=min_speedup, force=force, say=lambda line: console.print(line, highlight=False))
+                              min_speedup=min_speedup, force=force, auto_islands=auto_islands, say=lambda line: console.print(line, highlight=False))
     except QuantizationRefused as e:
         console.print(e.report.table(), highlight=False)
         if json_path is not None:

@@ -52,7 +52,7 @@ def bench(
     model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint, config name (random weights are fine for speed) or an exported .onnx (its model is rebuilt)."),
     backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt,torch-compile", help="Comma-separated backends (torch-compile: the torch.compile peer)."),
     batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
-    precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16."),
+    precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16, int8 (onnxruntime on the CPU: the quantizer's file, through its gates)."),
     cuda_graphs: str = typer.Option("off", help="off, on, or both (CUDA only)."),
     warmup: int = typer.Option(10, help="Untimed calls before timing."),
     iters: int = typer.Option(50, help="Timed calls per configuration."),

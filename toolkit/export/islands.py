@@ -158,3 +158,29 @@ def auto_islands(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], limit: f
     report = find_overflow_nodes(model, feeds, limit)
     apply_islands(model, report.nodes)
     return report
+
+
+def fp16_emulation(model: Any) -> Any:
+    """The fp32 twin of the fp16 ``model`` with every tensor that is fp16 in ``model`` rounded to fp16 where it is
+    produced (an explicit Cast to fp16 and back, same tensor names). ONNX Runtime CPU runs chains of fp16 elementwise
+    ops in fp32 and drops the roundings in between, at every optimization level, so an fp16 rounding failure (a
+    large offset added and subtracted) never shows in an fp16 run on the CPU; the emulation shows what a GPU's fp16
+    kernels compute."""
+    from onnx import TensorProto, helper
+
+    fp16 = {name for name, t in _types(model).items() if t == TensorProto.FLOAT16}
+    twin = fp32_twin(model)
+    inits = {i.name for i in twin.graph.initializer}
+    out = []
+    for n in twin.graph.node:
+        out.append(n)
+        if n.op_type in ("Constant", "ConstantOfShape"):
+            continue
+        for k, y in enumerate(n.output):
+            if y and y in fp16 and y not in inits:
+                n.output[k] = f"{y}__unrounded"
+                out.append(helper.make_node("Cast", [n.output[k]], [f"{y}__fp16"], to=TensorProto.FLOAT16, name=f"{n.name}/round{k}"))
+                out.append(helper.make_node("Cast", [f"{y}__fp16"], [y], to=TensorProto.FLOAT, name=f"{n.name}/unround{k}"))
+    del twin.graph.node[:]
+    twin.graph.node.extend(out)
+    return twin

@@ -1,6 +1,6 @@
 """Post-training INT8 of an exported ONNX file: Q/DQ nodes in the graph, through ONNX Runtime's quantization tools.
 
-What decides whether INT8 pays on ONNX Runtime CPU (measured on the shapes fixture, ``docs/quantization.md``):
+What decides whether INT8 pays on ONNX Runtime CPU (measured on the shapes fixture, ``docs/precision.md``):
 
 * **Fold the frozen batch norms first.** The exported RT-DETR backbone computes its FrozenBatchNorm as a ``Mul``
   and an ``Add`` after each ``Conv``. Quantized as exported, the Q/DQ pair lands between the Conv and the Mul,
@@ -56,6 +56,7 @@ class QuantizeInfo:
     excluded: list[str] = field(default_factory=list)  # the user's --exclude entries
     fused: dict[str, int] = field(default_factory=dict)  # op counts after ONNX Runtime's session optimizations
     prepared: bool = True
+    islands: list[str] = field(default_factory=list)  # nodes kept fp32 by the compare-driven search
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,19 +107,20 @@ def split_exclude(model: Any, exclude: Sequence[str]) -> tuple[set[str], list[st
     return op_types, patterns
 
 
-def select_nodes(model: Any, scope: str = "body", exclude: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+def select_nodes(model: Any, scope: str = "body", exclude: Sequence[str] = (), keep_fp32: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """(nodes the quantizer may quantize, nodes kept fp32) for ``scope``: ``body`` quantizes the backbone and
     encoder (all of the graph when no node is named like RT-DETR's), ``all`` everything outside ``exclude``."""
     if scope not in SCOPES:
         raise InputError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     ex_ops, ex_names = split_exclude(model, exclude)
+    exact = set(keep_fp32)  # node names, matched exactly (the island search's result)
     nodes = list(model.graph.node)
     named = any(p in n.name for n in nodes for p in BODY_PATTERNS)
     quantize, keep = [], []
     for n in nodes:
         inside = scope == "all" or not named or any(p in n.name for p in BODY_PATTERNS)
         sensitive = scope != "all" and (n.op_type in FP32_OP_TYPES or any(p in n.name for p in SENSITIVE_PATTERNS))
-        if inside and not sensitive and n.op_type not in ex_ops and not any(p in n.name for p in ex_names):
+        if inside and not sensitive and n.op_type not in ex_ops and n.name not in exact and not any(p in n.name for p in ex_names):
             quantize.append(n.name)
         else:
             keep.append(n.name)
@@ -136,6 +138,7 @@ def quantize_graph(
     exclude: Sequence[str] = (),
     prepare: bool = True,
     progress: bool = True,
+    keep_fp32: Sequence[str] = (),
 ) -> QuantizeInfo:
     """Quantize ``source`` (an ONNX path or ModelProto) to Q/DQ INT8 at ``output`` (written as is, not atomically:
     the caller writes to a temporary path), calibrated on ``feeds`` (ONNX Runtime feed dicts). Metadata and the
@@ -149,7 +152,7 @@ def quantize_graph(
         raise InputError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     original = onnx.load(str(source)) if isinstance(source, (str, Path)) else source
     model = prepare_graph(original) if prepare else original
-    quantize, keep = select_nodes(model, scope, exclude)
+    quantize, keep = select_nodes(model, scope, exclude, keep_fp32)
     if not any(n.op_type in ("Conv", "MatMul", "Gemm") and n.name in set(quantize) for n in model.graph.node):
         raise InputError("nothing to quantize: the exclusions leave no Conv, MatMul or Gemm node in INT8")
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
@@ -163,7 +166,10 @@ def quantize_graph(
                 weight_type=QuantType.QInt8, nodes_to_quantize=quantize, nodes_to_exclude=keep,
                 calibrate_method=calib[method], calibration_providers=["CPUExecutionProvider"],
                 extra_options={"ActivationSymmetric": activations == "int8", "CalibTensorRangeSymmetric": False,
-                               "CalibMovingAverage": method == "minmax"},
+                               "CalibMovingAverage": method == "minmax",
+                               # TensorRT(-RTX) dequantizes only 8-bit (and fp8/4-bit) tensors: an int32 bias DQ
+                               # fails its parser, so the TensorRT form keeps biases fp32 (ORT CPU fuses either)
+                               "QuantizeBias": activations != "int8"},
             )
         except InputError:
             raise
@@ -171,11 +177,79 @@ def quantize_graph(
             raise ExportError(f"ONNX Runtime's quantize_static failed: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
     result = onnx.load(str(output))
     _check_io(original, result)
-    info = QuantizeInfo(method, activations, scope, len(feeds), len(quantize), len(keep), list(exclude), prepared=prepare)
+    info = QuantizeInfo(method, activations, scope, len(feeds), len(quantize), len(keep), list(exclude), prepared=prepare,
+                        islands=list(keep_fp32))
     info.fused = fused_ops(output)
     _copy_metadata(original, result, {"precision": "int8", "quantization": json.dumps(info.to_dict(), sort_keys=True)})
     _save_sealed(result, output)
     return info
+
+
+def quantized_compute_nodes(model: Any) -> list[str]:
+    """Nodes of a Q/DQ graph (topological order) that take at least one input through a DequantizeLinear."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq for i in n.input)]
+
+
+def dequantize_nodes(model: Any, fp32: Any, nodes: Sequence[str]) -> Any:
+    """A copy of the Q/DQ ``model`` where ``nodes`` read fp32 again: each input that comes through a DequantizeLinear
+    is replaced by the tensor the node reads in ``fp32`` (the prepared graph the quantizer started from, same node
+    names). Where the quantizer removed that tensor's producer (a Relu after a Conv folds into the Q range), the
+    producer chain is copied back from ``fp32`` in front of the node. No new calibration, so the island search can
+    try many sets cheaply, and the set found is written this way (excluding the nodes from quantization instead,
+    ``keep_fp32``, would still quantize their inputs where a quantized producer's output is)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    producer = {o: n for n in g.node for o in n.output}
+    given = {i.name for i in g.initializer} | {i.name for i in g.input}
+    names: dict[str, str] = {}  # fp32 tensor -> its name in the copy
+    ref_nodes = {n.name: n for n in fp32.graph.node}
+    ref_producer = {o: n for n in fp32.graph.node for o in n.output}
+    ref_inits = {i.name: i for i in fp32.graph.initializer}
+    wanted = set(nodes)
+    new_nodes = []
+    for n in g.node:
+        ref = ref_nodes.get(n.name) if n.name in wanted else None
+        before: list[Any] = []
+        if ref is not None and len(ref.input) == len(n.input):
+
+            def ensure(t: str) -> str:
+                """The name under which ``t`` (a tensor of ``fp32``) holds its fp32 value in the copy."""
+                if not t or t in names:
+                    return names.get(t, t)
+                if t in given or (t in producer and t in ref_producer and producer[t].name == ref_producer[t].name):
+                    names[t] = t
+                elif t in ref_producer:  # removed or renamed by the quantizer: copy its producer back
+                    p = ref_producer[t]
+                    copy = onnx.NodeProto()
+                    copy.CopyFrom(p)
+                    copy.name = f"{p.name}__fp32"
+                    for j, x in enumerate(p.input):
+                        copy.input[j] = ensure(x)
+                    for j, y in enumerate(p.output):
+                        if y:
+                            names[y] = copy.output[j] = f"{y}__fp32"
+                    before.append(copy)
+                elif t in ref_inits:
+                    init = g.initializer.add()
+                    init.CopyFrom(ref_inits[t])
+                    init.name = names[t] = f"{t}__fp32"
+                else:
+                    names[t] = t
+                return names[t]
+
+            for k, x in enumerate(n.input):
+                d = producer.get(x)
+                if d is not None and d.op_type == "DequantizeLinear":
+                    n.input[k] = ensure(ref.input[k])
+            new_nodes.extend(before)
+        new_nodes.append(n)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return out
 
 
 def fused_ops(path: str | Path) -> dict[str, int]:

@@ -1,9 +1,8 @@
 """``rtdetr-deploy bench``: every backend, precision and batch size in one process and one run.
 
-GPU timing uses CUDA events around each call after a warm-up (median / p90 / p99 over the calls); the
-CPU uses wall-clock time. Each configuration can first be checked for accuracy against the fp32 ONNX
-Runtime reference on a check model (the trained fixture where it exists): a configuration that fails
-is refused, with the reason, and its timings are not reported. Speed never at the cost of boxes.
+GPU timing uses CUDA events around each call after a warm-up (median / p90 / p99 over the calls); the CPU uses wall-clock time. Each
+configuration can first be checked for accuracy against the fp32 ONNX Runtime reference on a check model (the trained fixture where
+it exists): a configuration that fails is refused, with the reason, and its timings are not reported. Speed never at the cost of boxes.
 """
 
 from __future__ import annotations
@@ -311,8 +310,9 @@ def bench(
         report.environment["aoti_configs"] = dict(aoti_configs)
     if checker is None:
         report.notes.append("no check model: configurations were not checked for accuracy")
-    configs = [(b, p, g) for b in backends for p in precisions for g in cuda_graphs
-               if not (g and b == "onnxruntime" and dev.type != "cuda")]
+    from .bench_int8 import int8_rows  # --precision int8: the quantizer's file, reported through its gates
+    report.rows += int8_rows(lambda: artifacts.onnx("fp32"), backends, batches, dev, work, iters, check_images, BenchRow) if "int8" in precisions else []
+    configs = [(b, p, g) for b in backends for p in precisions for g in cuda_graphs if p != "int8" and not (g and b == "onnxruntime" and dev.type != "cuda")]
     bar = tqdm(total=len(configs) * len(batches), desc="bench", disable=not progress)
     for backend, precision, graph in configs:
         reason = _runnable(backend, dev, graph)

@@ -183,18 +183,22 @@ def quantize(
     force: bool = False,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    auto_islands: bool = True,
+    island_evals: int = 16,
 ) -> QuantizeReport:
     """Quantize the fp32 ONNX ``model`` to INT8 Q/DQ at ``output`` and gate it (see the module docstring).
 
     ``min_speedup=None`` skips the speed gate (reported as not judged: the accuracy gates still decide);
-    ``max_map_drop`` is in mAP points. Raises :class:`QuantizationRefused` when a gate fails and not ``force``.
+    ``max_map_drop`` is in mAP points. ``auto_islands``: when the INT8 graph's compare with fp32 disagrees on (up to 16
+    of) the calibration images, :func:`toolkit.checks.island_search.run_search` looks for the nodes to keep fp32
+    (at most ``island_evals`` evaluations); the file written is the Q/DQ graph with those nodes reading fp32. Raises :class:`QuantizationRefused` when a gate fails and not ``force``.
     """
     import onnx
     import torch
 
     from ..checks.compare import compare
     from ..export.calibration import feeds_from_batches
-    from ..export.quantize import mark_metadata, quantize_graph
+    from ..export.quantize import fused_ops, mark_metadata, quantize_graph
     from ..runtime.engine import load
     from ..runtime.preprocessing import engine_preprocess, preprocess
     from .evaluate import evaluate
@@ -219,7 +223,17 @@ def quantize(
         with atomic_path(output) as out_tmp:
             info = quantize_graph(model, out_tmp, feeds_from_batches(batches, sizes_dtype), method=method, activations=activations,
                                   scope=scope, exclude=exclude, progress=progress)
+            search = None
+            if auto_islands:
+                search = _search_islands(model, out_tmp, paths[:16], work, island_evals, say)
+                if search.needed and search.agrees:  # the graph the search judged was written over out_tmp
+                    info.islands = list(search.islands)
+                    info.fused = fused_ops(out_tmp)
+                    mark_metadata(out_tmp, {"quantization": json.dumps(info.to_dict(), sort_keys=True)})
             report = QuantizeReport(None, info.to_dict())
+            if search is not None:
+                report.info["island_search"] = search.to_dict()
+                say(search.summary("int8"))
             int8 = load(out_tmp, backend="onnxruntime", device="cpu")
             ann, eval_paths = _eval_set(eval_data, eval_synthetic, work, spec.size[0], fp32.class_names or None)
             say(f"accuracy gates on {len(eval_paths)} images disjoint from the calibration set")
@@ -261,6 +275,36 @@ def quantize(
                 report.forced = True
                 mark_metadata(out_tmp, {"quantization_forced": json.dumps([g.name for g in report.failed()] or ["unjudged"])})
             mark_metadata(out_tmp, {"quantization_gates": json.dumps({"gates": [asdict(g) for g in report.gates],
-                                                                      "speed": report.speed, "map": report.map})})
+                                                                      "speed": report.speed, "map": report.map}),
+                                    "int8_islands": json.dumps(info.islands)})
         report.output = output
     return report
+
+
+def _search_islands(model: Path, int8_path: Path, images: Sequence[Path], work: Path, max_evals: int,
+                    say: Callable[[str], None]) -> Any:
+    """The compare-driven search for INT8: reference the prepared fp32 graph (same node and tensor names as the
+    Q/DQ graph), candidates the nodes that read through a DequantizeLinear, each set tried by rewiring them to fp32
+    (:func:`toolkit.export.quantize.dequantize_nodes`) without a new calibration."""
+    import onnx
+
+    from ..checks.island_search import run_search
+    from ..export.quantize import _save_sealed, dequantize_nodes, prepare_graph, quantized_compute_nodes
+
+    prepared = prepare_graph(onnx.load(str(model)))
+    ref = work / "search.fp32.onnx"
+    _save_sealed(prepared, ref)
+    qmodel = onnx.load(str(int8_path))
+    count = [0]
+
+    def build(nodes: list[str]) -> Path:
+        count[0] += 1
+        out = work / f"search.{count[0]}.onnx"
+        _save_sealed(dequantize_nodes(qmodel, prepared, nodes), out)
+        return out
+
+    search = run_search(ref, int8_path, quantized_compute_nodes(qmodel), build, list(images), INT8_THRESHOLDS,
+                        agree=lambda rep: bool(_compare_gate(rep).passed), bisect_rtol=5e-2, max_evals=max_evals, say=say)
+    if search.needed and search.agrees:  # write the graph that was judged (re-quantizing with the nodes excluded
+        _save_sealed(dequantize_nodes(qmodel, prepared, search.islands), int8_path)  # would still quantize their inputs)
+    return search
