@@ -82,3 +82,15 @@ def shifted_engine(inner, dx: float):
             return out
 
     return Shifted(inner.signature, inner.device, class_names=inner.class_names)
+
+
+@pytest.fixture(scope="session")
+def tiny_config_pt2(tmp_path_factory) -> Path:
+    """What `rtdetr-deploy build --model tiny --backend aoti --device cpu --batch 1,2,4` writes (in process: the CLI's
+    code path); its sidecar records the config it came from. Minutes of AOTInductor compile on CPU: build it once."""
+    from toolkit.cli.main import main
+
+    path = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
+    code = main(["build", "--model", "tiny", "--backend", "aoti", "--device", "cpu", "--batch", "1,2,4", "-o", str(path)])
+    assert code == 0 and path.is_file()
+    return path
