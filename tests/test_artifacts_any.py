@@ -38,7 +38,7 @@ def cli(capsys, *args: object) -> tuple[int, str, str]:
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]  # (progress lines may come before it)
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -95,10 +95,8 @@ def test_bench_gate_checks_the_given_file_against_its_model(tiny_config_pt2, orp
     cannot be checked, so its rows are refused as inconclusive (never passed) and bench exits 1."""
     code, _, err = cli(capsys, "bench", tiny_config_pt2, "--backends", "aoti", "--batch", "1", "--iters", "1", "--warmup", "0",
                        "--device", "cpu", "--check-model", "tiny", "--check-images", "0", "--json", tmp_path / "a.json")
-    (row,) = _rows(tmp_path / "a.json")
-    assert row["backend"] == "aoti"
-    assert (row["status"], code) == ("ok", 0) and "compare agrees" in row["check"] or \
-        (row["status"], code) == ("refused", 1) and row["reason"].startswith("inconclusive"), (row, err)
+    (row,) = _rows(tmp_path / "a.json")  # the tie-free tiny weights: a faithful package agrees with eager torch
+    assert (row["backend"], row["status"], code) == ("aoti", "ok", 0) and "compare agrees" in row["check"], (row, err)
     code, _, _ = cli(capsys, "bench", orphan_pt2, "--backends", "aoti", "--batch", "1", "--iters", "1", "--warmup", "0",
                      "--device", "cpu", "--check-model", "tiny", "--check-images", "0", "--json", tmp_path / "o.json")
     (row,) = _rows(tmp_path / "o.json")
@@ -206,8 +204,8 @@ def test_validate_a_package_against_the_model_it_records(tiny_config_pt2, orphan
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["preprocess", "torch", "aoti"]
-    assert code == {"agree": 0, "disagree": 1, "inconclusive": 3}[report["verdict"]]
-    assert stages["aoti"]["vs_torch"] is not None and stages["aoti"]["status"] in ("pass", "inconclusive"), stages["aoti"]
+    assert (code, report["verdict"], stages["aoti"]["status"]) == (0, "agree", "pass"), (err, stages["aoti"])
+    assert stages["aoti"]["vs_torch"]["compared"] > 0
     code, _, _ = cli(capsys, "validate", orphan_pt2, "--report", tmp_path / "o")
     stages = {s["name"]: s for s in json.loads((tmp_path / "o" / "report.json").read_text())["stages"]}
     assert code == 3 and list(stages) == ["preprocess", "aoti"]  # nothing to judge it against: never a pass

@@ -230,7 +230,7 @@ def validate(
     if native is not None and native not in backends:
         raise InputError(f"{checkpoint} is a {native} file, and --backends {','.join(backends)} leaves its stage out: add {native}")
     if model is None and [b for b in backends if b != native]:
-        raise InputError(f"--backends {','.join(b for b in backends if b != native)} need the model {checkpoint} was built from: "
+        raise InputError(f"the --backends {','.join(b for b in backends if b != native)} stage(s) need the model {checkpoint} was built from: "
                          f"{why}; use --backends {native}, or validate the checkpoint or config it was built from")
     given = None if native is None else load(checkpoint, backend=native)  # the file as given: its own stage
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,8 @@ from .app import app, console
 
 @app.command()
 def compare(
-    a: str = typer.Argument(..., help="Engine, ONNX, .pt2, checkpoint, config name, result file (detections.json) or reference bundle."),
+    a: str = typer.Argument(..., help="A built file (.onnx, .pt2, .ep, .buckets, .engine), served model (grpc://HOST:8001/MODEL), "
+                            "checkpoint, config name, result file (detections.json) or reference bundle."),
     b: str = typer.Argument(..., help="The other side, same kinds as A."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image files or directories (default: synthetic images)."),
     score_threshold: float = typer.Option(0.3, help="Detections scoring at least this are compared."),

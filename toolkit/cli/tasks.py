@@ -117,11 +117,12 @@ def bench(
 
 @app.command(name="eval")
 def eval_(
-    model: str = typer.Argument(..., help="Checkpoint dir, weights file, config name, .onnx/.engine/.pt2 file."),
+    model: str = typer.Argument(..., help="Checkpoint dir, weights file, config name, a built file (.onnx, .pt2, .ep, .buckets, "
+                                ".engine) or a served model (grpc://HOST:8001/MODEL, http://HOST:8000/MODEL)."),
     data: Optional[Path] = typer.Option(None, help="COCO JSON, or a dataset root with val.json."),
     synthetic: Optional[int] = typer.Option(None, help="Evaluate on N fresh shapes images from an unseen seed (default 500)."),
     backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: those that can run MODEL: "
-                                           "torch,onnxruntime for a checkpoint, the file's own for a built file)."),
+                                           "torch,onnxruntime for a checkpoint, the file's own for a built file, triton for a URL)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     tolerance: float = typer.Option(0.5, help="mAP points the backends may differ by."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),

@@ -42,9 +42,16 @@ class LoadLevel:
 HEADER = ["concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms", "inferences", "executions", "mean batch"]
 
 
-def _counts(engine: Any) -> tuple[int, int]:
-    stats = engine.statistics()
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+def _counts(engine: Any, at_least: int | None = None, timeout_s: float = 5.0) -> tuple[int, int]:
+    """Triton's (inference_count, execution_count); ``at_least``: wait (bounded) until the server has counted that many
+    inferences, since its statistics are updated just after the responses go out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = engine.statistics()
+        counts = int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+        if at_least is None or counts[0] >= at_least or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.02)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -99,7 +106,7 @@ def load_test(url: str, concurrency: Sequence[int] = (1, 8, 32), requests_per_le
         for t in threads:
             t.join(max_seconds + 30)
         seconds = time.perf_counter() - start
-        after = _counts(engine)
+        after = _counts(engine, at_least=before[0] + len(latencies))
         level = LoadLevel(c, len(latencies), errors[0], seconds, len(latencies) / seconds if seconds else 0.0,
                           _percentile(latencies, 0.5), _percentile(latencies, 0.99), after[0] - before[0], after[1] - before[1])
         levels.append(level)

@@ -200,7 +200,7 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
     from ..runtime.preprocessing import engine_preprocess, preprocess, read_image
 
     if (data_dir is None) == (synthetic is None):
-        raise InputError("give either data_dir or synthetic=N")
+        raise InputError("give either --data (a COCO JSON or dataset root) or --synthetic N, not both")
     if synthetic is not None and (isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 1):
         raise InputError(f"--synthetic takes a number of images of at least 1, got {synthetic!r}")
     def tell(line: str) -> None:
