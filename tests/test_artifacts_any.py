@@ -22,11 +22,16 @@ from toolkit.runtime.sidecar import read_sidecar, sidecar_path, write_sidecar
 
 _serving = all(importlib.util.find_spec(m) is not None for m in ("pytriton", "tritonclient"))
 needs_server = pytest.mark.skipif(not _serving, reason="serving tests need pytriton and tritonclient: pip install 'rtdetr-deploy[serve]'")
-if _serving:
-    import tests.test_serve as _serve_tests
+# served (tests/conftest.py): one real tritonserver serving the trained fixture's ONNX (shapes_onnx) as m64 / m32
 
-    shapes_onnx = _serve_tests.shapes_onnx  # the trained fixture exported (it records its checkpoint directory)
-    served = _serve_tests.served  # one real tritonserver serving it as m64 / m32, stopped by pid
+
+def _counts(server, model: str) -> tuple[int, int]:
+    """Triton's own (inference_count, execution_count) of ``model``, read over plain HTTP."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.http}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 def cli(capsys, *args: object) -> tuple[int, str, str]:
@@ -126,12 +131,12 @@ def test_bench_refuses_backends_that_cannot_run_the_file_and_engines_without_ten
 @needs_server
 def test_bench_url_is_the_load_test_counted_by_triton(served, tmp_path, capsys):
     url = f"grpc://127.0.0.1:{served.ports.grpc}/m64"
-    before = _serve_tests._counts(served, "m64")
+    before = _counts(served, "m64")
     code, out, err = cli(capsys, "bench", url, "--concurrency", "1,4", "--requests", "8", "--json", tmp_path / "u.json")
     assert code == 0, err
     levels = json.loads((tmp_path / "u.json").read_text())["levels"]
     assert [(lv["concurrency"], lv["requests"], lv["errors"]) for lv in levels] == [(1, 8, 0), (4, 8, 0)]
-    inferences, executions = (a - b for a, b in zip(_serve_tests._counts(served, "m64"), before))
+    inferences, executions = (a - b for a, b in zip(_counts(served, "m64"), before))
     assert inferences == 17  # 16 timed + 1 checked warm-up, as Triton itself counts them
     assert sum(lv["inferences"] for lv in levels) == 16 and 0 < sum(lv["executions"] for lv in levels) <= 16
     assert all(lv["p50_ms"] > 0 and lv["p99_ms"] >= lv["p50_ms"] for lv in levels)
