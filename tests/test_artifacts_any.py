@@ -118,14 +118,22 @@ def test_bench_file_without_a_record_measures_only_its_own_rows(orphan_pt2, tiny
         assert "no peers (torch)" in " ".join(out.split())
 
 
-def test_bench_refuses_backends_that_cannot_run_the_file_and_engines_without_tensorrt(tiny_config_pt2, tmp_path, capsys):
+def test_refusals_are_one_line_exit_2(tiny_config_pt2, tiny_model, tmp_path, capsys):
+    """A backend that cannot run the file; an engine where TensorRT is not installed (every verb)."""
     code, _, err = cli(capsys, "bench", tiny_config_pt2, "--backends", "onnxruntime", "--device", "cpu")
+    _one_line_error(code, err, "tiny.pt2", "--backends aoti")
+    code, _, err = cli(capsys, "validate", tiny_config_pt2, "--backends", "torch,onnxruntime")
+    _one_line_error(code, err, "tiny.pt2", "add aoti")
+    code, _, err = cli(capsys, "eval", tiny_config_pt2, "--backends", "onnxruntime", "--synthetic", "2")
     _one_line_error(code, err, "tiny.pt2", "--backends aoti")
     if importlib.util.find_spec("tensorrt") is None:
         engine = tmp_path / "m.engine"
         engine.write_bytes(b"not read")
-        code, _, err = cli(capsys, "bench", engine, "--device", "cpu")
-        _one_line_error(code, err, "m.engine", "TensorRT is not installed")
+        write_sidecar(engine, {"backend": "tensorrt", "signature": tiny_model.signature().to_dict()})
+        for verb in (("bench", engine, "--device", "cpu"), ("eval", engine, "--synthetic", "2"), ("compare", engine, "tiny"),
+                     ("validate", engine)):
+            code, _, err = cli(capsys, *verb)
+            _one_line_error(code, err, "m.engine", "TensorRT", "not installed")
 
 
 @needs_server
