@@ -192,7 +192,7 @@ def test_compare_any_artifact_with_another(tiny_config_pt2, config_onnx, capsys)
     from toolkit.export.verify import verification_images
     from toolkit.models.loading import load_model
 
-    code, out, err = cli(capsys, "compare", tiny_config_pt2, config_onnx)
+    code, out, err = cli(capsys, "compare", tiny_config_pt2, config_onnx, "--device-b", "cpu")
     assert code == 0, out + err  # the same weights compiled two ways: they agree
     images = verification_images(2, (128, 128), seed=5)  # and, independently, match eager torch output for output
     feeds = {"images": images, "orig_target_sizes": torch.tensor([[128, 128]] * 2)}
@@ -205,7 +205,7 @@ def test_compare_any_artifact_with_another(tiny_config_pt2, config_onnx, capsys)
 
 @needs_server
 def test_compare_url_with_the_file_it_serves(served, shapes_onnx, capsys):
-    code, out, err = cli(capsys, "compare", f"grpc://127.0.0.1:{served.ports.grpc}/m64", shapes_onnx["int64"])
+    code, out, err = cli(capsys, "compare", f"grpc://127.0.0.1:{served.ports.grpc}/m64", shapes_onnx["int64"], "--device-b", "cpu")
     assert code == 0, out + err
 
 

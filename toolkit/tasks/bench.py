@@ -29,7 +29,7 @@ from ..models.loading import load_model
 from ..runtime.base import BaseEngine
 from ..signature import INPUT_IMAGES, INPUT_SIZES
 from .bench_report import plot_bench
-from .bench_sources import BenchSource, bench_source, plan_backends
+from .bench_sources import BenchSource, bench_source, plan_backends, recorded_device
 from .timing import environment, percentile as _percentile, time_calls
 
 __all__ = ["BACKENDS", "JSON_KEYS", "BenchReport", "BenchRow", "bench", "binder_overhead_us", "environment", "time_calls"]
@@ -287,6 +287,7 @@ def bench(
     check_bench_arguments(batches, warmup, iters, check_images)
     from tqdm import tqdm
 
+    device = device if device is not None else recorded_device(model)  # a package runs where it was compiled for
     dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     source = bench_source(model, config, dev)
     backends, plan_notes = plan_backends(source, None if backends is None else list(backends), default_backends)

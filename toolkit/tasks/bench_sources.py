@@ -84,6 +84,24 @@ def bench_source(model: Any, config: str | None, device: Any) -> BenchSource:
     return src
 
 
+def recorded_device(model: Any) -> str | None:
+    """The device a package was compiled for (its sidecar or manifest says), so ``bench m.pt2`` runs it there by default."""
+    from ..runtime.engine import detect_backend
+
+    if not isinstance(model, (str, Path)) or detect_backend(model) not in ("aoti", "buckets", "torch-tensorrt") or not Path(model).is_file():
+        return None
+    try:
+        import json
+
+        from ..runtime.sidecar import sidecar_path
+
+        meta = json.loads((Path(model) if detect_backend(model) == "buckets" else sidecar_path(model)).read_text())
+    except (OSError, ValueError):
+        return None  # loading it says what is wrong
+    device = meta.get("device") if isinstance(meta, dict) else None
+    return str(device) if device in ("cpu", "cuda") else None
+
+
 def plan_backends(src: BenchSource, backends: Sequence[str] | None, default: Sequence[str]) -> tuple[list[str], list[str]]:
     """The backends to run for ``src`` and notes about any left out; ``backends`` None: ``default`` (a built file:
     its own backend first, then the default peers where its model is known). A list that leaves out the file's own
