@@ -82,3 +82,56 @@ def shifted_engine(inner, dx: float):
             return out
 
     return Shifted(inner.signature, inner.device, class_names=inner.class_names)
+
+
+@pytest.fixture(scope="session")
+def tiny_config_pt2(tmp_path_factory) -> Path:
+    """What `rtdetr-deploy build --model tiny --backend aoti --device cpu --batch 1,2,4` writes (in process: the CLI's
+    code path); its sidecar records the config it came from. Minutes of AOTInductor compile on CPU: build it once."""
+    from toolkit.cli.main import main
+
+    path = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
+    code = main(["build", "--model", "tiny", "--backend", "aoti", "--device", "cpu", "--batch", "1,2,4", "-o", str(path)])
+    assert code == 0 and path.is_file()
+    return path
+
+
+SERVE_READY_S = 180
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx(tmp_path_factory) -> dict[str, Path]:
+    """The trained fixture exported twice: int64 sizes (official) and int32 sizes; each records its checkpoint."""
+    import toolkit
+    from toolkit.export.onnx import export_onnx
+
+    fixture = Path(toolkit.__file__).parent / "fixtures" / "shapes"
+    d = tmp_path_factory.mktemp("serve-onnx")
+    out = {}
+    for dtype in ("int64", "int32"):
+        export_onnx(str(fixture), out.setdefault(dtype, d / f"shapes_{dtype}.onnx"), sizes_dtype=dtype, verify=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served(shapes_onnx, tmp_path_factory):
+    """One real tritonserver (nvidia-pytriton's) on a python-backend repository (export-triton) holding m64 and m32,
+    started once per session (it takes a minute) and stopped by its pid. Users see deltas of its statistics only."""
+    if any(importlib.util.find_spec(m) is None for m in ("pytriton", "tritonclient")):
+        pytest.skip("serving tests need pytriton and tritonclient: pip install 'rtdetr-deploy[serve]'")
+    from toolkit.serve.repository import export_triton
+    from toolkit.serve.server import Ports, free_port, start_tritonserver
+
+    root = tmp_path_factory.mktemp("serve-repo")
+    export_triton(shapes_onnx["int64"], root, backend="python", name="m64", max_batch=8, max_queue_delay_us=20000)
+    export_triton(shapes_onnx["int32"], root, backend="python", name="m32", max_batch=8, max_queue_delay_us=20000)
+    server = start_tritonserver(root, "m64", ports=Ports(free_port(), free_port(), free_port()))
+    try:
+        server.wait_ready(SERVE_READY_S)
+        server.model = "m32"
+        server.wait_ready(SERVE_READY_S)
+        yield server
+    finally:
+        server.stop()  # SIGTERM to its pid, then wait
+        status = Path(f"/proc/{server.pid}/status")  # a zombie has exited: it is only waiting to be reaped
+        assert not (status.is_file() and "zombie" not in status.read_text())

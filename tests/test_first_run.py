@@ -109,15 +109,18 @@ def test_bench_onnx_rebuilds_model_and_times_file(config_onnx, tmp_path):
     assert not list(tmp_path.glob("*.fp32.onnx"))  # the given file was timed, not a re-export
 
 
-def test_bench_and_validate_refuse_built_files_with_fix(tmp_path):
+def test_bench_and_validate_refuse_a_package_without_its_sidecar(tmp_path):
+    """Built files are benched and validated as given (tests/test_artifacts_any.py); one without the sidecar that
+    declares its signature is refused, naming the file and the fix."""
     from toolkit.checks.validate import validate
+    from toolkit.errors import ToolkitError
     from toolkit.tasks.bench import bench
 
     pt2 = tmp_path / "m.pt2"
     pt2.write_bytes(b"not read")
-    with pytest.raises(InputError, match="exported .onnx"):
+    with pytest.raises(ToolkitError, match=r"m\.pt2: its sidecar m\.pt2\.json is missing"):
         bench(str(pt2), backends=("aoti",), batches=(1,), warmup=1, iters=1, check_images=0, progress=False)
-    with pytest.raises(InputError, match="exported .onnx"):
+    with pytest.raises(ToolkitError, match=r"m\.pt2: its sidecar m\.pt2\.json is missing"):
         validate(str(pt2), backends=("torch", "aoti"))
 
 

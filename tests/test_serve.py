@@ -32,36 +32,7 @@ FIXTURE = Path(toolkit.__file__).parent / "fixtures" / "shapes"
 READY_S = 180
 
 
-@pytest.fixture(scope="module")
-def shapes_onnx(tmp_path_factory) -> dict[str, Path]:
-    """The trained fixture exported twice: int64 sizes (official) and int32 sizes."""
-    from toolkit.export.onnx import export_onnx
-
-    d = tmp_path_factory.mktemp("serve-onnx")
-    out = {}
-    for dtype in ("int64", "int32"):
-        export_onnx(str(FIXTURE), out.setdefault(dtype, d / f"shapes_{dtype}.onnx"), sizes_dtype=dtype, verify=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def served(shapes_onnx, tmp_path_factory):
-    """One tritonserver on a python-backend repository (export-triton) holding m64 and m32; stopped by pid."""
-    from toolkit.serve.repository import export_triton
-    from toolkit.serve.server import Ports, free_port, start_tritonserver
-
-    root = tmp_path_factory.mktemp("serve-repo")
-    export_triton(shapes_onnx["int64"], root, backend="python", name="m64", max_batch=8, max_queue_delay_us=20000)
-    export_triton(shapes_onnx["int32"], root, backend="python", name="m32", max_batch=8, max_queue_delay_us=20000)
-    server = start_tritonserver(root, "m64", ports=Ports(free_port(), free_port(), free_port()))
-    try:
-        server.wait_ready(READY_S)
-        server.model = "m32"
-        server.wait_ready(READY_S)
-        yield server
-    finally:
-        server.stop()  # SIGTERM to its pid, then wait
-        assert not _alive(server.pid)
+# shapes_onnx and served (one tritonserver for the session, shared with tests/test_artifacts_any.py): tests/conftest.py
 
 
 def _alive(pid: int) -> bool:

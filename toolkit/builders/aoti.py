@@ -173,7 +173,7 @@ def build_aoti(
     deploy = load_model(model, config=config).eval()
     inductor = {**(CUDA_INDUCTOR_DEFAULTS if device == "cuda" else {}), **(inductor_configs or {})}
     cached = cache_dir() / f"aoti-{_cache_key(deploy, precision, (lo, opt, hi), device, {**inductor, '_fold': fold})}.pt2"
-    if cache and _from_cache(cached, output):
+    if cache and _from_cache(cached, output, source_record(model, config, deploy)):
         return output
     folded, fold_info = folded_body(deploy, fold)
     body = ReducedPrecision(folded, PRECISIONS[precision]).to(device).eval()
@@ -190,7 +190,7 @@ def build_aoti(
     _export_and_compile(body, (images, sizes), lo, hi, output, output.name,
                         f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU", compile_to, progress)
 
-    info = _sidecar_info(deploy, "aoti", device, precision, (lo, opt, hi))
+    info = _sidecar_info(deploy, "aoti", device, precision, (lo, opt, hi), source_record(model, config, deploy))
     info["inductor_configs"] = inductor
     info["fold"] = fold_info
     if device == "cuda":
@@ -214,13 +214,31 @@ def folded_body(deploy: DeployModel, fold: bool) -> tuple[DeployModel, Any]:
     return folded, report.to_dict()
 
 
-def _from_cache(cached: Path, output: Path) -> bool:
-    """Copy a cached build and its sidecar to ``output``; False when there is none."""
+def _from_cache(cached: Path, output: Path, source: dict[str, Any] | None = None) -> bool:
+    """Copy a cached build and its sidecar to ``output``; False when there is none. ``source``: this build's
+    :func:`source_record` (the same weights may have come from another checkpoint or config before)."""
     if not (cached.is_file() and sidecar_path(cached).is_file()):
         return False
     _copy(cached, output)
     _copy(sidecar_path(cached), sidecar_path(output))
+    if source is not None:
+        from ..runtime.sidecar import read_sidecar
+
+        write_sidecar(output, {**read_sidecar(output), "model_source": source})
     return True
+
+
+def source_record(model: Any, config: str | None, deploy: DeployModel) -> dict[str, Any]:
+    """What a model-compiled package records about the model it was compiled from: the checkpoint path or config
+    name (as an ONNX export records them; nothing for an in-memory module, unless it was rebuilt from a file's record)
+    and the weights' sha256, so ``bench`` can rebuild its peers from the same weights and check they are the same."""
+    from ..export.onnx import _source_metadata
+
+    if isinstance(model, nn.Module):
+        origin = dict(getattr(deploy, "source_metadata", None) or {})
+    else:
+        origin = _source_metadata(model, config)
+    return {**origin, "weights_sha256": weights_sha256(deploy)}
 
 
 def _to_cache(output: Path, cached: Path) -> None:
@@ -237,8 +255,10 @@ def _example_inputs(deploy: DeployModel, lo: int, opt: int, hi: int, device: Any
     return images, torch.tensor([[w, h]] * n, dtype=torch.int64, device=device)
 
 
-def _sidecar_info(deploy: DeployModel, backend: str, device: str, precision: str, batch: tuple[int, int, int]) -> dict[str, Any]:
-    """What every model-compiled artifact's sidecar records (the backend adds its library and GPU facts)."""
+def _sidecar_info(deploy: DeployModel, backend: str, device: str, precision: str, batch: tuple[int, int, int],
+                  source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every model-compiled artifact's sidecar records (the backend adds its library and GPU facts);
+    ``source``: :func:`source_record`."""
     from .. import __version__
 
     lo, opt, hi = batch
@@ -246,7 +266,8 @@ def _sidecar_info(deploy: DeployModel, backend: str, device: str, precision: str
             "contract_version": CONTRACT_VERSION, "device": device, "precision": precision,
             "batch": {"min": lo, "opt": opt, "max": hi}, "dynamic_batch": lo < hi, "config_name": deploy.name,
             "signature": deploy.signature().with_bounds(N=(lo, hi)).to_dict(), "class_names": deploy.class_names,
-            "random_weights": getattr(deploy, "random_weights", None)}  # set when the weights are generated, untrained
+            "random_weights": getattr(deploy, "random_weights", None),  # set when the weights are generated, untrained
+            "model_source": source or {"weights_sha256": weights_sha256(deploy)}}
 
 
 def _cache_key(deploy: DeployModel, precision: str, batch: tuple[int, int, int], device: str, inductor: dict[str, Any]) -> str:

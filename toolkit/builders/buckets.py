@@ -12,6 +12,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Sequence
 
+from torch import nn
+
 from ..atomic import check_output_path
 from ..models.loading import load_model
 from ..runtime.buckets import SUFFIX, write_manifest
@@ -48,6 +50,10 @@ def build_buckets(model: Any, output: str | Path, batches: Sequence[int], *, bac
     module_name, function = MODEL_BUILDERS[backend]
     builder = getattr(import_module(f".{module_name}", __package__), function)
     deploy = load_model(model, config=config).eval()
+    if not isinstance(model, nn.Module):  # every package records where its weights came from (source_record)
+        from ..export.onnx import _source_metadata
+
+        deploy.source_metadata = _source_metadata(model, config)
     packages: dict[int, Path] = {}
     for i, b in enumerate(sizes):
         if progress:
@@ -60,5 +66,5 @@ def build_buckets(model: Any, output: str | Path, batches: Sequence[int], *, bac
     signature = dict(meta["signature"], dim_bounds={**meta["signature"].get("dim_bounds", {}), "N": [1, sizes[-1]]})
     info = {"backend": "buckets", "inner_backend": backend, "batches": list(sizes), "precision": meta.get("precision"),
             "device": meta.get("device"), "signature": signature, "class_names": meta.get("class_names"),
-            "fold": meta.get("fold")}
+            "fold": meta.get("fold"), "model_source": meta.get("model_source")}
     return write_manifest(output, packages, info)

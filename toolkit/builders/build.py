@@ -127,6 +127,7 @@ def model_for_onnx(onnx_path: str | Path) -> Any:
         why = ("the config's generated weights are not those of the toolkit version that exported it" if not Path(str(source)).exists()
                else "the checkpoint changed since the export")
         raise BuildError(f"{onnx_path} was exported from {source}, but the weights there are not the exported ones ({why}); {hint}")
+    deploy.source_metadata = {k: meta[k] for k in ("source", "source_config") if meta.get(k)}  # what packages built from it record
     return deploy
 
 

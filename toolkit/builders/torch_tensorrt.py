@@ -36,6 +36,7 @@ from .aoti import (
     _from_cache,
     folded_body,
     _sidecar_info,
+    source_record,
     _to_cache,
 )
 from .build import BuildError, cache_dir
@@ -119,7 +120,7 @@ def build_torch_tensorrt(
     key = _cache_key(deploy, precision, (lo, opt, hi), "cuda",
                      {"backend": "torch-tensorrt", "min_block_size": min_block_size, "_fold": fold, **versions, **gpu})
     cached = cache_dir() / f"torch-tensorrt-{key}{SUFFIX}"
-    if cache and _from_cache(cached, output):
+    if cache and _from_cache(cached, output, source_record(model, config, deploy)):
         return output
     folded, fold_info = folded_body(deploy, fold)
     body = ReducedPrecision(folded, PRECISIONS[precision]).to(dev).eval()
@@ -144,7 +145,7 @@ def build_torch_tensorrt(
                         f"building TensorRT engines with Torch-TensorRT {ttrt.__version__} ({precision}); this takes minutes",
                         compile_to, progress)
 
-    info = {**_sidecar_info(deploy, "torch-tensorrt", "cuda", precision, (lo, opt, hi)), **versions, **gpu,
+    info = {**_sidecar_info(deploy, "torch-tensorrt", "cuda", precision, (lo, opt, hi), source_record(model, config, deploy)), **versions, **gpu,
             "min_block_size": min_block_size, "fold": fold_info}
     write_sidecar(output, info)
     if cache:

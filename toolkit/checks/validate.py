@@ -166,29 +166,32 @@ def _build(name: str, model: Any, onnx_path: Path, workdir: Path, trt_module: An
     return load(built.path, backend=name, **options), ""
 
 
-def _model(checkpoint: Any, config: str | None, load_model: Any) -> Any:
-    """The torch model validate starts from: an exported ``.onnx`` names the checkpoint or config it came from
-    (rebuilt, weights hash checked); another built file cannot be validated stage by stage (refused with the fix)."""
+def _model(checkpoint: Any, config: str | None, load_model: Any) -> tuple[Any, str | None, str]:
+    """(the torch model validate starts from, or None; the built file's backend, or None; why there is no model).
+
+    A built file (``.onnx``, ``.pt2``, ``.ep``, ``.buckets``, ``.engine``, a served URL) is validated as given: its
+    stage is judged against the torch stage of the model it records (:mod:`toolkit.builders.sources`, weights
+    hash checked); a file that records none gets no torch stage, and its own stage cannot be judged (inconclusive)."""
     from ..runtime.engine import detect_backend
 
     native = detect_backend(checkpoint) if isinstance(checkpoint, (str, Path)) else "torch"
+    if native == "torch":
+        return load_model(checkpoint, config=config), None, ""
     if native == "onnxruntime":
-        from ..builders.build import model_for_onnx
         from ..integrity import check_onnx
 
         if not Path(checkpoint).is_file():
             raise InputError(f"{checkpoint}: no such ONNX file")
         check_onnx(Path(checkpoint))
-        return model_for_onnx(checkpoint)
-    if native != "torch":
-        raise InputError(f"{checkpoint} is a built {native} file: validate runs every stage from the model, so give the "
-                         f"checkpoint, config name or exported .onnx it was built from (--backends {native} adds that stage)")
-    return load_model(checkpoint, config=config)
+    from ..builders.sources import recorded_model
+
+    found = recorded_model(checkpoint, native)
+    return found.model, native, found.why
 
 
 def validate(
     checkpoint: Any,
-    backends: Sequence[str] = ("torch", "onnxruntime"),
+    backends: Sequence[str] | None = None,
     images: Sequence[str | Path] | str | Path | None = None,
     workdir: str | Path | None = None,
     *,
@@ -202,24 +205,34 @@ def validate(
     """Run every stage of the deployment path on the same images and judge each; see the module docstring.
 
     ``checkpoint``: anything :func:`toolkit.models.loading.load_model` accepts (``config`` for a weights file or a
-    config name with random weights). ``workdir`` keeps the exported and built files (a temporary
-    directory, deleted afterwards, when None). The torch stage always runs: it is the reference. ``trt_module``
+    config name with random weights), or a built file or served URL (see :func:`_model`). ``backends`` None: torch
+    and onnxruntime for a model; a built file's own backend (and torch where the file records its model). ``workdir``
+    keeps the exported and built files (a temporary directory, deleted afterwards, when None). The torch stage always
+    runs where there is a model: it is the reference. ``trt_module``
     injects a TensorRT module (e.g. :func:`toolkit.testing.fake_tensorrt.make_fake_tensorrt`). ``progress``: a
     line on stderr when each stage starts and ends, with its elapsed time (builds take minutes).
     """
     from ..export.onnx import export_onnx
     from ..models.loading import load_model
-    from ..runtime.preprocessing import list_images, preprocess, read_image
-
-    unknown = [b for b in backends if b not in ("torch", "onnxruntime", *BUILT_BACKENDS)]
-    if unknown:
-        raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from torch, onnxruntime, {', '.join(BUILT_BACKENDS)}")
     from ..progress import Steps
+    from ..runtime.preprocessing import engine_preprocess, list_images, preprocess, read_image
 
     perturb = dict(perturb or {})
     steps = Steps("validate", enabled=progress)
     with steps.step("loading the model"):
-        model = _model(checkpoint, config, load_model)
+        model, native, why = _model(checkpoint, config, load_model)
+    if backends is None:
+        backends = ("torch", "onnxruntime") if native is None else ("torch", native) if model is not None else (native,)
+    known = ("torch", "onnxruntime", *BUILT_BACKENDS, *([native] if native else []))
+    unknown = [b for b in backends if b not in known]
+    if unknown:
+        raise InputError(f"unknown --backends {', '.join(unknown)}; choose from {', '.join(dict.fromkeys(known))}")
+    if native is not None and native not in backends:
+        raise InputError(f"{checkpoint} is a {native} file, and --backends {','.join(backends)} leaves its stage out: add {native}")
+    if model is None and [b for b in backends if b != native]:
+        raise InputError(f"the --backends {','.join(b for b in backends if b != native)} stage(s) need the model {checkpoint} was built from: "
+                         f"{why}; use --backends {native}, or validate the checkpoint or config it was built from")
+    given = None if native is None else load(checkpoint, backend=native)  # the file as given: its own stage
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -228,13 +241,13 @@ def validate(
         paths = list_images(images) if images is not None else synthetic_images(tmp)
         keys = [p.name for p in paths]
         decoded = [read_image(p) for p in paths]
-        batch, sizes = preprocess(decoded, model.preprocess)
+        spec = model.preprocess if model is not None else engine_preprocess(given)
+        batch, sizes = preprocess(decoded, spec)
         inputs = {INPUT_IMAGES: batch, INPUT_SIZES: sizes}
         if "preprocess" in perturb:
             inputs = perturb["preprocess"](inputs)
-        again = dict(zip((INPUT_IMAGES, INPUT_SIZES), preprocess(decoded, model.preprocess)))
-        problems = _check_inputs(inputs, [(int(im.shape[-1]), int(im.shape[-2])) for im in decoded], again,
-                                 model.preprocess.value_range)
+        again = dict(zip((INPUT_IMAGES, INPUT_SIZES), preprocess(decoded, spec)))
+        problems = _check_inputs(inputs, [(int(im.shape[-1]), int(im.shape[-2])) for im in decoded], again, spec.value_range)
         stages = [StageResult("preprocess", "fail" if problems else "pass", "; ".join(problems))]
 
         def run_stage(name: str, engine: BaseEngine) -> Side:
@@ -246,6 +259,10 @@ def validate(
                 side.detections = split_batch(perturb[name](out))
             return side
 
+        if model is None:  # nothing to judge the file against: its sentinels alone, never a pass
+            assert given is not None and native is not None
+            stages.append(_unjudged_stage(native, run_stage(native, given), keys, score_threshold, why))
+            return ValidateReport(stages, work)
         with steps.step("torch stage"):
             torch_side = run_stage("torch", load(model, backend="torch", device="cpu"))
         fired = check_outputs("torch", torch_side.detections, keys, score_threshold=score_threshold,
@@ -254,14 +271,19 @@ def validate(
         stages.append(StageResult("torch", "inconclusive" if only_nan else "fail" if fired else "pass",
                                   "; ".join(f.message for f in fired)))
         previous = torch_side
-        onnx_path = work / "model.onnx"
-        for name in [b for b in ("onnxruntime", *BUILT_BACKENDS) if b in backends]:
+        onnx_path = Path(checkpoint) if native == "onnxruntime" else work / "model.onnx"  # a given .onnx: as given
+        order = ["onnxruntime", *BUILT_BACKENDS, *([native] if native not in ("onnxruntime", *BUILT_BACKENDS, None) else [])]
+        for name in [b for b in order if b in backends]:
             try:
-                if not onnx_path.exists():  # every later stage is built from the exported file
+                if name == native:  # the given file's own stage
+                    engine, why = given, ""
+                elif not onnx_path.exists():  # every later stage is built from the exported file
                     with steps.step("export to ONNX"):
                         export_onnx(model, onnx_path)
                 with steps.step(f"{name} stage: build and load"):
-                    if name == "onnxruntime":
+                    if name == native:
+                        pass
+                    elif name == "onnxruntime":
                         engine: BaseEngine | None = load(onnx_path, backend="onnxruntime", device="cpu")
                         why = ""
                     else:
@@ -284,3 +306,13 @@ def validate(
             stages.append(StageResult(name, "fail" if failed else "inconclusive" if unjudged else "pass", detail, vs_prev, vs_torch))
             previous = side
         return ValidateReport(stages, work)
+
+
+def _unjudged_stage(name: str, side: Side, keys: list[str], score_threshold: float, why: str) -> StageResult:
+    """A built file's stage with no reference to judge it against: ``fail`` if a sentinel fires, else ``inconclusive``."""
+    fired = check_outputs(name, side.detections, keys, score_threshold=score_threshold, sizes_wh=side.sizes_wh,
+                          num_classes=len(side.class_names) or None, sizes_dtype=side.sizes_dtype)
+    if fired and not all(f.check == "non_finite" for f in fired):
+        return StageResult(name, "fail", "; ".join(f.message for f in fired))
+    return StageResult(name, "inconclusive", f"no reference to judge it against: {why}" +
+                       (f"; {'; '.join(f.message for f in fired)}" if fired else "; its sentinels found nothing wrong"))

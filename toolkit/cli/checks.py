@@ -12,7 +12,8 @@ from .app import app, console
 
 @app.command()
 def compare(
-    a: str = typer.Argument(..., help="Engine, ONNX, .pt2, checkpoint, config name, result file (detections.json) or reference bundle."),
+    a: str = typer.Argument(..., help="A built file (.onnx, .pt2, .ep, .buckets, .engine), served model (grpc://HOST:8001/MODEL), "
+                            "checkpoint, config name, result file (detections.json) or reference bundle."),
     b: str = typer.Argument(..., help="The other side, same kinds as A."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image files or directories (default: synthetic images)."),
     score_threshold: float = typer.Option(0.3, help="Detections scoring at least this are compared."),
@@ -36,9 +37,12 @@ def compare(
 
 @app.command()
 def validate(
-    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint directory, weights file or exported .onnx (its model is rebuilt); omit to use --config with random weights."),
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint directory, weights file, or a built file (.onnx, .pt2, .ep, "
+                                               ".buckets, .engine) or served URL, judged as given against the model it records; "
+                                               "omit to use --config with random weights."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Config name (or JSON path)."),
-    backends: str = typer.Option("torch,onnxruntime", help="Comma-separated stages after preprocess: torch,onnxruntime,aoti,tensorrt."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated stages after preprocess: torch,onnxruntime,aoti,tensorrt "
+                                           "(default: torch,onnxruntime; a built file: torch and its own)."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image files or directories (default: synthetic images)."),
     workdir: Optional[Path] = typer.Option(None, help="Keep exported and built files here."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.json and report.md here."),
@@ -47,7 +51,8 @@ def validate(
     that could not be judged (exit 3)."""
     from ..checks.validate import validate as validate_stages
 
-    result = validate_stages(checkpoint, tuple(b.strip() for b in backends.split(",") if b.strip()), images, workdir, config=config,
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip()) if backends is not None else None
+    result = validate_stages(checkpoint, chosen, images, workdir, config=config,
                             progress=True)
     if report is not None:
         result.write(report)

@@ -73,7 +73,12 @@ def serve_bench(
     max_seconds: float = typer.Option(60.0, help="Time bound per level."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
 ) -> None:
-    """Requests/s and p50/p99 latency against a served model, with the dynamic batcher's mean batch."""
+    """Requests/s and p50/p99 latency against a served model, with the dynamic batcher's mean batch (also: bench URL)."""
+    load_test_report(url, concurrency, requests, max_seconds, json_path)
+
+
+def load_test_report(url: str, concurrency: str, requests: int, max_seconds: float, json_path: Optional[Path]) -> None:
+    """The load test of ``serve-bench`` and ``bench URL``: one table, the same JSON (url, levels)."""
     from ..atomic import write_text
     from ..serve.loadtest import HEADER, load_test, to_dict
 
@@ -82,11 +87,13 @@ def serve_bench(
     except ValueError:
         raise InputError(f"--concurrency takes numbers such as 1,8,32, got {concurrency!r}") from None
     results = load_test(url, levels, requests, max_seconds)
-    table = Table(title=f"serve-bench {url}")
+    table = Table(title=f"bench {url}")
     for col in HEADER:
         table.add_column(col)
     for level in results:
         table.add_row(*level.row())
     console.print(table)
+    console.print("mean batch: Triton's inference_count over execution_count during the level (the dynamic batcher's merging)",
+                  highlight=False)
     if json_path is not None:
         write_text(json_path, json.dumps({"url": url, "levels": to_dict(results)}, indent=1))

@@ -49,8 +49,10 @@ def run(
 
 @app.command()
 def bench(
-    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint, config name (random weights are fine for speed) or an exported .onnx (its model is rebuilt)."),
-    backends: str = typer.Option("torch,onnxruntime,aoti,tensorrt,torch-compile", help="Comma-separated backends (torch-compile: the torch.compile peer)."),
+    model: str = typer.Argument("rtdetr_r50vd", help="Checkpoint, config name (random weights are fine for speed), a built file "
+                                "(.onnx, .pt2, .ep, .buckets, .engine: timed as given) or a served model (grpc://HOST:8001/MODEL, http://...)."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: torch,onnxruntime,aoti,tensorrt,torch-compile; "
+                                           "a built file: its own first, the others built from the model it records)."),
     batch: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     precision: str = typer.Option("fp32", help="Comma-separated precisions: fp32, fp16, int8 (onnxruntime on the CPU: the quantizer's file, through its gates)."),
     cuda_graphs: str = typer.Option("off", help="off, on, or both (CUDA only)."),
@@ -65,10 +67,20 @@ def bench(
     profile: bool = typer.Option(False, "--profile", help="CUDA: profile each measured row (top kernels, GPU-idle share) into the JSON."),
     check_images: int = typer.Option(100, help="Synthetic images for the COCO mAP part of the accuracy check (0: compare only)."),
     aoti_config: List[str] = typer.Option([], "--aoti-config", help="KEY=VALUE torch._inductor option for the AOTInductor builds (repeatable), e.g. freezing=1."),
+    concurrency: str = typer.Option("1,8,32", help="A served model: comma-separated client thread counts."),
+    requests: int = typer.Option(256, help="A served model: requests per concurrency level (batch 1 each)."),
+    max_seconds: float = typer.Option(60.0, help="A served model: time bound per level."),
 ) -> None:
-    """Benchmark every backend, precision and batch size in one process (CUDA events, medians)."""
+    """Benchmark every backend, precision and batch size in one process (CUDA events, medians); a built file as given;
+    a served model: requests/s and p50/p99 latency per concurrency, with the dynamic batcher's effect."""
+    from ..runtime.engine import detect_backend
     from ..tasks.bench import bench as run_bench
     from ..tasks.bench_report import TABLE_HEADER, table_rows
+
+    if detect_backend(model) == "triton":
+        from .serving import load_test_report
+
+        return load_test_report(model, concurrency, requests, max_seconds, json_path)
 
     choices = {"off": (False,), "on": (True,), "both": (False, True)}
     if cuda_graphs not in choices:
@@ -78,7 +90,8 @@ def bench(
         batches = [int(b) for b in batch.split(",")]
     except ValueError:
         raise InputError(f"--batch takes comma-separated batch sizes such as 1,8,32, got {batch!r}") from None
-    report = run_bench(model, backends=backends.split(","), batches=batches,
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
+    report = run_bench(model, backends=chosen, default_backends=("torch", "onnxruntime", "aoti", "tensorrt", "torch-compile"), batches=batches,
                        precisions=precision.split(","), cuda_graphs=graphs, warmup=warmup, iters=iters, device=device,
                        check_model=check_model, end_to_end=end_to_end, workdir=workdir, json_path=json_path, plot_path=plot,
                        profile=profile, check_images=check_images, aoti_configs=_inductor_options(aoti_config))
@@ -104,11 +117,12 @@ def bench(
 
 @app.command(name="eval")
 def eval_(
-    model: str = typer.Argument(..., help="Checkpoint dir, weights file, config name, .onnx/.engine/.pt2 file."),
+    model: str = typer.Argument(..., help="Checkpoint dir, weights file, config name, a built file (.onnx, .pt2, .ep, .buckets, "
+                                ".engine) or a served model (grpc://HOST:8001/MODEL, http://HOST:8000/MODEL)."),
     data: Optional[Path] = typer.Option(None, help="COCO JSON, or a dataset root with val.json."),
     synthetic: Optional[int] = typer.Option(None, help="Evaluate on N fresh shapes images from an unseen seed (default 500)."),
     backends: Optional[str] = typer.Option(None, help="Comma-separated backends (default: those that can run MODEL: "
-                                           "torch,onnxruntime for a checkpoint, the file's own for a built file)."),
+                                           "torch,onnxruntime for a checkpoint, the file's own for a built file, triton for a URL)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     tolerance: float = typer.Option(0.5, help="mAP points the backends may differ by."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),

@@ -42,9 +42,16 @@ class LoadLevel:
 HEADER = ["concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms", "inferences", "executions", "mean batch"]
 
 
-def _counts(engine: Any) -> tuple[int, int]:
-    stats = engine.statistics()
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+def _counts(engine: Any, at_least: int | None = None, timeout_s: float = 5.0) -> tuple[int, int]:
+    """Triton's (inference_count, execution_count); ``at_least``: wait (bounded) until the server has counted that many
+    inferences, since its statistics are updated just after the responses go out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = engine.statistics()
+        counts = int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+        if at_least is None or counts[0] >= at_least or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.02)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -66,7 +73,9 @@ def load_test(url: str, concurrency: Sequence[int] = (1, 8, 32), requests_per_le
     h, w = engine_preprocess(engine).size
     gen = torch.Generator().manual_seed(0)
     feeds = {INPUT_IMAGES: torch.rand(1, 3, h, w, generator=gen), INPUT_SIZES: torch.tensor([[w, h]])}
+    counted = _counts(engine)[0]
     engine.infer(feeds)  # warm-up, and a checked answer before anything is timed
+    counted += 1  # what the server has counted before each level (its statistics settle just after each response)
     levels = []
     for c in concurrency:
         latencies: list[float] = []
@@ -91,7 +100,7 @@ def load_test(url: str, concurrency: Sequence[int] = (1, 8, 32), requests_per_le
                 with lock:
                     (latencies.append(dt) if ok else errors.__setitem__(0, errors[0] + 1))
 
-        before = _counts(engine)
+        before = _counts(engine, at_least=counted)
         start = time.perf_counter()
         threads = [threading.Thread(target=client, daemon=True) for _ in range(c)]
         for t in threads:
@@ -99,7 +108,8 @@ def load_test(url: str, concurrency: Sequence[int] = (1, 8, 32), requests_per_le
         for t in threads:
             t.join(max_seconds + 30)
         seconds = time.perf_counter() - start
-        after = _counts(engine)
+        after = _counts(engine, at_least=before[0] + len(latencies))
+        counted = after[0]
         level = LoadLevel(c, len(latencies), errors[0], seconds, len(latencies) / seconds if seconds else 0.0,
                           _percentile(latencies, 0.5), _percentile(latencies, 0.99), after[0] - before[0], after[1] - before[1])
         levels.append(level)

@@ -1,8 +1,11 @@
 """``rtdetr-deploy bench``: every backend, precision and batch size in one process and one run.
 
-GPU timing uses CUDA events around each call after a warm-up (median / p90 / p99 over the calls); the CPU uses wall-clock time. Each
-configuration can first be checked for accuracy against the fp32 ONNX Runtime reference on a check model (the trained fixture where
-it exists): a configuration that fails is refused, with the reason, and its timings are not reported. Speed never at the cost of boxes.
+GPU timing uses CUDA events around each call after a warm-up (median / p90 / p99 over the calls); the
+CPU uses wall-clock time. Each configuration can first be checked for accuracy against the fp32 ONNX
+Runtime reference on a check model (the trained fixture where it exists): a configuration that fails
+is refused, with the reason, and its timings are not reported. Speed never at the cost of boxes.
+A built file is timed as given on the backend that runs it, its peers built from the model it records
+(:mod:`toolkit.tasks.bench_sources`); a served model's load test is ``rtdetr-deploy bench URL``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..models.loading import load_model
 from ..runtime.base import BaseEngine
 from ..signature import INPUT_IMAGES, INPUT_SIZES
 from .bench_report import plot_bench
+from .bench_sources import BenchSource, bench_source, plan_backends, recorded_device
 from .timing import environment, percentile as _percentile, time_calls
 
 __all__ = ["BACKENDS", "JSON_KEYS", "BenchReport", "BenchRow", "bench", "binder_overhead_us", "environment", "time_calls"]
@@ -80,8 +84,10 @@ class _Artifacts:
     and keeps the loaded engine of the configuration being measured, so each package is loaded once per run."""
 
     def __init__(self, model: Any, workdir: Path, device: torch.device, max_batch: int,
-                 aoti_configs: dict[str, Any] | None = None, buckets: Sequence[int] | None = None) -> None:
+                 aoti_configs: dict[str, Any] | None = None, buckets: Sequence[int] | None = None,
+                 given: BenchSource | None = None) -> None:
         self.model, self.workdir, self.device, self.max_batch = model, workdir, device, max_batch
+        self.given = given if given is not None and given.path is not None else None  # a built file, timed as given
         self.buckets = tuple(sorted(set(buckets or (max_batch,))))  # aoti-static: one static package per size
         self.aoti_configs = dict(aoti_configs or {})
         self._onnx: dict[str, Path] = {}
@@ -99,6 +105,10 @@ class _Artifacts:
 
     def artifact(self, backend: str, precision: str) -> Any:
         """The file ``backend`` loads (built on first use: export, AOTI compile, engine build), or the model."""
+        if self.given is not None and self.given.owns(backend, precision):
+            return self.given.path
+        if self.model is None:
+            raise ToolkitError(f"{backend} {precision}: no model to build it from ({self.given.why if self.given else 'none given'})")
         if backend in ("torch", "torch-compile"):  # torch-compile compiles at its first call per shape (compile_s)
             return self.model
         if backend == "onnxruntime":
@@ -140,7 +150,7 @@ class _Artifacts:
             options: dict[str, Any] = {"check_values": False, "cuda_graph": cuda_graph}
             if backend in ("torch", "torch-compile"):
                 source, options["precision"] = copy.deepcopy(source), precision
-            loader = "buckets" if backend == "aoti-static" else backend
+            loader = "buckets" if backend.endswith("-static") else backend
             self._engines[key] = engine_mod.load(source, backend=loader, device=self.device, **options)
         return self._engines[key]
 
@@ -181,10 +191,10 @@ def binder_overhead_us(engine: BaseEngine, feeds: dict[str, torch.Tensor], iters
     return statistics.median(times)
 
 
-def _inputs(model: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _inputs(size: tuple[int, int], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     from ..export.verify import verification_images
 
-    h, w = model.preprocess.size
+    h, w = size
     return {INPUT_IMAGES: verification_images(batch, (h, w), seed=batch).to(device),
             INPUT_SIZES: torch.tensor([[w, h]] * batch, device=device)}
 
@@ -193,16 +203,19 @@ def _end_to_end_call(engine: BaseEngine, model: Any, batch: int, device: torch.d
     """Images/s from JPEG files to outputs: GPU decode and preprocess overlapped with inference (toolkit.tasks.end_to_end)."""
     from .end_to_end import end_to_end_images_per_s
 
-    return end_to_end_images_per_s(engine, batch, device, spec=model.preprocess)
+    return end_to_end_images_per_s(engine, batch, device, spec=getattr(model, "preprocess", None))  # None: the engine's own spec
 
 
-def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool, images: int = 100) -> tuple[str | None, str]:
+def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_graph: bool, images: int = 100,
+                   reference: tuple[str, str] = ("onnxruntime", "fp32")) -> tuple[str | None, str]:
     """(why the configuration fails, None if it passes; what was checked) against the fp32 ONNX Runtime reference of the
-    check model: ``compare`` detection by detection, then COCO mAP on ``images`` synthetic images within 0.5 points."""
+    check model: ``compare`` detection by detection, then COCO mAP on ``images`` synthetic images within 0.5 points.
+    ``reference``: another (backend, precision) of ``artifacts`` to check against (a built file: eager torch of its model)."""
     from ..checks.compare import compare
     from .evaluate import evaluate
 
-    ref = artifacts.engine("onnxruntime", "fp32", False)
+    ref_name = "fp32 ONNX Runtime" if reference == ("onnxruntime", "fp32") else f"{reference[0]} {reference[1]}"
+    ref = artifacts.engine(reference[0], reference[1], False)
     candidate = artifacts.engine(backend, precision, cuda_graph)
     try:
         report = compare(ref, candidate)
@@ -216,54 +229,22 @@ def accuracy_check(artifacts: _Artifacts, backend: str, precision: str, cuda_gra
     finally:
         artifacts.release()
     maps = {r.backend: r.mAP for r in ev.rows}
-    done = f"compare agrees; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} (fp32 ONNX Runtime) on {images} images; compare matched {report.compared} detections"
+    done = f"compare agrees; mAP {maps.get('candidate', float('nan')):.4f} vs {maps.get('reference', float('nan')):.4f} ({ref_name}) on {images} images; compare matched {report.compared} detections"
     return (None if ev.agree else ev.message), done
 
 
 def check_bench_arguments(batches: Sequence[int], warmup: int, iters: int, check_images: int = 0) -> None:
     """Counts that would make a table of nothing (or crash a median) are refused up front."""
-    for name, values, least in (("batch sizes", list(batches) or [0], 1), ("iters", [iters], 1), ("warmup", [warmup], 0),
-                                ("check_images", [check_images], 0)):
+    for name, values, least in (("--batch sizes", list(batches) or [0], 1), ("--iters", [iters], 1), ("--warmup", [warmup], 0),
+                                ("--check-images", [check_images], 0)):
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values):
             raise InputError(f"{name} must be integers of at least {least}, got {', '.join(map(repr, values))}")
-
-
-def _bench_model(model: Any, config: str | None) -> tuple[Any, tuple[Path, str] | None, str]:
-    """The model bench builds every backend from, the given ONNX file (path, precision) if any, and a note.
-
-    bench needs the torch model (it exports and compiles per backend): an exported ``.onnx`` names the
-    checkpoint or config it came from, which is rebuilt (its weights hash checked against the file's record);
-    other built files (.pt2, .engine, .ep, a served model) are refused with the fix."""
-    from ..runtime.engine import detect_backend
-
-    native = detect_backend(model) if isinstance(model, (str, Path)) else "torch"
-    if native == "onnxruntime":
-        import onnx
-
-        from ..builders.build import model_for_onnx
-        from ..integrity import check_onnx
-
-        path = Path(model)
-        if not path.is_file():
-            raise InputError(f"{path}: no such ONNX file")
-        check_onnx(path)
-        deploy = model_for_onnx(path).eval()
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        origin = meta.get("source") or f"config {meta.get('source_config')}"
-        return deploy, (path, meta.get("precision", "fp32")), (
-            f"{path}: bench needs the torch model, rebuilt from {origin} (weights match the file's record); "
-            f"the onnxruntime {meta.get('precision', 'fp32')} rows run {path.name} as given")
-    if native != "torch":
-        raise InputError(f"{model} is a built {native} file: bench builds every backend from the model, so give the "
-                         "checkpoint, the config name or the exported .onnx it was built from (rtdetr-deploy bench "
-                         f"MODEL --backends {native}); to time this file as given: rtdetr-deploy validate {model}")
-    return load_model(model, config=config, seed=0).eval(), None, ""  # a config name: the same random weights every run
 
 
 def bench(
     model: Any,
     *,
-    backends: Sequence[str] = BACKENDS,
+    backends: Sequence[str] | None = None,
     batches: Sequence[int] = (1, 8, 32),
     precisions: Sequence[str] = ("fp32",),
     cuda_graphs: Sequence[bool] = (False,),
@@ -280,8 +261,11 @@ def bench(
     check_images: int = 100,
     aoti_configs: dict[str, Any] | None = None,
     progress: bool = True,
+    default_backends: Sequence[str] = BACKENDS,
 ) -> BenchReport:
-    """Benchmark ``model`` (anything :func:`toolkit.models.loading.load_model` takes) on every runnable configuration.
+    """Benchmark ``model`` (anything :func:`toolkit.models.loading.load_model` takes, or a built file: timed as given,
+    see :mod:`toolkit.tasks.bench_sources`) on every runnable configuration of ``backends`` (None: ``default_backends``;
+    for a built file, its own backend first).
 
     ``check_model``: a model with meaningful (trained) weights on which each configuration must pass
     ``compare`` against fp32 ONNX Runtime, and keep its COCO mAP on ``check_images`` synthetic images within
@@ -293,34 +277,40 @@ def bench(
     check_bench_arguments(batches, warmup, iters, check_images)
     from tqdm import tqdm
 
+    device = device if device is not None else recorded_device(model)  # a package runs where it was compiled for
     dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    deploy, given_onnx, source_note = _bench_model(model, config)
+    source = bench_source(model, config, dev)
+    backends, plan_notes = plan_backends(source, None if backends is None else list(backends), default_backends)
+    deploy = source.model
+    size = source.size or tuple(deploy.preprocess.size)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rtdetr-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    artifacts = _Artifacts(deploy, work, dev, max(batches), aoti_configs, buckets=batches)
-    if given_onnx is not None:  # the onnxruntime rows at the file's precision time the file as given
-        artifacts._onnx[given_onnx[1]] = given_onnx[0]
+    artifacts = _Artifacts(deploy, work, dev, max(batches), aoti_configs, buckets=batches, given=source)
     checker = _Artifacts(load_model(check_model).eval(), work / "check", dev, 8, aoti_configs) if check_model is not None else None
     if checker is not None:
         checker.workdir.mkdir(exist_ok=True)
     report = BenchReport([], environment(dev))
-    if source_note:
-        report.notes.append(source_note)
+    report.notes += source.notes + plan_notes
     if aoti_configs:
         report.environment["aoti_configs"] = dict(aoti_configs)
     if checker is None:
         report.notes.append("no check model: configurations were not checked for accuracy")
     from .bench_int8 import int8_rows  # --precision int8: the quantizer's file, reported through its gates
     report.rows += int8_rows(lambda: artifacts.onnx("fp32"), backends, batches, dev, work, iters, check_images, BenchRow) if "int8" in precisions else []
-    configs = [(b, p, g) for b in backends for p in precisions for g in cuda_graphs if p != "int8" and not (g and b == "onnxruntime" and dev.type != "cuda")]
+    configs = [(b, p, g) for b in backends for p in ([source.precision] if b == source.backend else precisions) for g in cuda_graphs
+               if p != "int8" and not (g and b == "onnxruntime" and dev.type != "cuda")]
     bar = tqdm(total=len(configs) * len(batches), desc="bench", disable=not progress)
     for backend, precision, graph in configs:
         reason = _runnable(backend, dev, graph)
         status = "skipped" if reason else "ok"
         check = ""
-        if status == "ok" and checker is not None:
-            try:
-                failure, check = accuracy_check(checker, backend, precision, graph, check_images)
+        owned = source.owns(backend, precision)
+        if status == "ok" and checker is not None and owned and deploy is None:  # nothing to check the file against
+            status, reason = "refused", f"inconclusive: {source.why}, so its boxes cannot be checked"
+        elif status == "ok" and checker is not None:
+            try:  # the given file itself against eager torch of its model; a peer configuration on the check model
+                failure, check = (accuracy_check(artifacts, backend, precision, graph, check_images, reference=("torch", "fp32"))
+                                  if owned else accuracy_check(checker, backend, precision, graph, check_images))
                 if failure:
                     status, reason = "refused", (failure if failure.startswith("inconclusive: ") else
                                                  f"accuracy check against fp32 ONNX Runtime failed: {failure}")
@@ -336,10 +326,11 @@ def bench(
                 status, reason = "failed", f"build failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         for batch in batches:
             bar.set_postfix_str(f"{backend} {precision}{' graph' if graph else ''} b{batch}")
-            row = BenchRow(backend, precision, graph, batch, str(dev), status=status, reason=reason or "", end_to_end=end_to_end,
-                           build_s=build_s, check=check)
-            if status == "ok":
-                measured = _measure(row, artifacts, deploy, dev, warmup, iters)
+            outside = source.outside(batch) if owned and status == "ok" else None
+            row = BenchRow(backend, precision, graph, batch, str(dev), status="skipped" if outside else status,
+                           reason=outside or reason or "", end_to_end=end_to_end, build_s=build_s, check=check)
+            if row.status == "ok":
+                measured = _measure(row, artifacts, size, dev, warmup, iters)
                 if profile and measured is not None and dev.type == "cuda":
                     from .profiling import profile_call
 
@@ -347,7 +338,7 @@ def bench(
             report.rows.append(row)
             bar.update()
         if backend == "torch" and precision == "fp32" and not graph and status == "ok" and report.binder_overhead_us is None:
-            feeds = _inputs(deploy, 1, dev)
+            feeds = _inputs(size, 1, dev)
             feeds[INPUT_SIZES] = feeds[INPUT_SIZES].to(torch.int64)
             report.binder_overhead_us = binder_overhead_us(artifacts.engine("torch", "fp32", False), feeds)
         artifacts.release()
@@ -359,7 +350,7 @@ def bench(
     return report
 
 
-def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device, warmup: int, iters: int) -> Callable[[], Any] | None:
+def _measure(row: BenchRow, artifacts: _Artifacts, size: tuple[int, int], dev: torch.device, warmup: int, iters: int) -> Callable[[], Any] | None:
     """Time one row and return its (warm) call, or None if it failed; ``first_call_s`` is the load (on a
     configuration's first batch size) plus the first call at this batch size (graph capture, lazy initialisation)."""
     try:
@@ -368,7 +359,7 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
             torch.cuda.reset_peak_memory_stats(dev)
         start = time.perf_counter()
         engine = artifacts.engine(row.backend, row.precision, row.cuda_graph)
-        feeds = _inputs(model, row.batch, dev)
+        feeds = _inputs(size, row.batch, dev)
         call = functools.partial(engine.infer, feeds)
         call()
         if dev.type == "cuda":
@@ -381,7 +372,7 @@ def _measure(row: BenchRow, artifacts: _Artifacts, model: Any, dev: torch.device
         row.p99_ms = _percentile(times, 0.99)
         row.images_per_s = row.batch * 1e3 / row.median_ms
         if row.end_to_end:
-            row.end_to_end_images_per_s = _end_to_end_call(engine, model, row.batch, dev)
+            row.end_to_end_images_per_s = _end_to_end_call(engine, artifacts.model, row.batch, dev)
         if dev.type == "cuda":
             row.peak_torch_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
         return call

@@ -197,10 +197,12 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
     ``backends`` None: every backend that can run the source (a built file: its own; a checkpoint: torch and
     onnxruntime). Backends given that cannot run a file are left out with a note, not an error row.
     ``progress``: a line per backend when it starts and when it ends (mAP, elapsed time), on stderr or to ``say``."""
+    from ..errors import ToolkitError
+    from ..runtime.engine import detect_backend
     from ..runtime.preprocessing import engine_preprocess, preprocess, read_image
 
     if (data_dir is None) == (synthetic is None):
-        raise InputError("give either data_dir or synthetic=N")
+        raise InputError("give either --data (a COCO JSON or dataset root) or --synthetic N, not both")
     if synthetic is not None and (isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 1):
         raise InputError(f"--synthetic takes a number of images of at least 1, got {synthetic!r}")
     def tell(line: str) -> None:
@@ -214,6 +216,10 @@ def evaluate(model_or_engine_source: Any, data_dir: str | Path | None = None, sy
     with tempfile.TemporaryDirectory(prefix="rtdetr-eval-") as tmp:
         work = Path(tmp)
         engines = _engines(model_or_engine_source, backends, device, work)
+        built = isinstance(model_or_engine_source, (str, Path)) and detect_backend(model_or_engine_source) != "torch"
+        failed = next((e for _, e in engines if isinstance(e, ToolkitError)), None)
+        if built and failed is not None:  # a built file that cannot be loaded here: bad input, one line (no other row to show)
+            raise failed
         first = next((e for _, e in engines if not isinstance(e, Exception)), None)
         if synthetic is not None:
             from ..data.shapes import write_split
