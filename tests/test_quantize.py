@@ -179,3 +179,45 @@ def test_auto_islands_find_and_repair_a_planted_fp16_overflow(tmp_path):
     folded = export_onnx(model, tmp_path / "folded.fp16.onnx", precision="fp16", verify=False)
     assert not any(stem in n for n in folded.islands.nodes), folded.islands.summary()
     assert all(np.isfinite(o).all() for o in _run(folded.path, x, s))
+
+
+def test_quantized_constants_that_are_not_weights_go_back_to_fp32(fixture_fp32, tmp_path):
+    """The TensorRT form: ONNX Runtime's quantizer also quantizes Clip bounds, scalars and an embedding that only
+    elementwise ops read (TensorRT-RTX refused such a graph on an H200). Every DequantizeLinear of an initializer
+    left feeds a Conv/MatMul/Gemm weight or bias; outputs equal the unfolded graph's (same values, plain ORT)."""
+    import copy
+
+    from toolkit.export.qdq_constants import WEIGHT_SLOTS, fold_constant_dequantize
+    from toolkit.tasks.quantize import quantize
+
+    out = tmp_path / "trt.int8.onnx"
+    quantize(fixture_fp32, out, synthetic=8, activations="int8", eval_synthetic=4, min_speedup=None, force=True, progress=False)
+    model = onnx.load(str(out))
+    inits = {i.name for i in model.graph.initializer}
+    uses = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node.op_type, k))
+    dq_consts = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dq_consts, "the TensorRT form has quantized weights"
+    for n in dq_consts:
+        assert all(k in WEIGHT_SLOTS.get(op, ()) for op, k in uses[n.output[0]]), (n.name, uses[n.output[0]])
+    # the fold itself against plain ONNX Runtime: a graph with the constants still quantized computes the same
+    unfolded = copy.deepcopy(model)
+    from onnx import helper, numpy_helper
+
+    clip = next(n for n in unfolded.graph.node if n.op_type == "Clip" and len(n.input) > 2 and n.input[2] in inits)
+    bound = next(i for i in unfolded.graph.initializer if i.name == clip.input[2])
+    value = float(numpy_helper.to_array(bound))
+    unfolded.graph.initializer.extend([numpy_helper.from_array(np.array(127, np.int8), "cq"),
+                                       numpy_helper.from_array(np.array(value / 127, np.float32), "cs")])
+    unfolded.graph.node.insert(0, helper.make_node("DequantizeLinear", ["cq", "cs"], ["cdq"], name="cdq_node"))
+    clip.input[2] = "cdq"
+    folded = copy.deepcopy(unfolded)
+    assert fold_constant_dequantize(folded) == ["cq"]
+    images = np.random.default_rng(0).random((2, 3, 320, 320), dtype=np.float32)
+    sizes = np.array([[320, 240]] * 2, dtype=np.int64)
+    onnx.save(unfolded, str(tmp_path / "unfolded.onnx"))
+    onnx.save(folded, str(tmp_path / "folded.onnx"))
+    for a, b in zip(_run(tmp_path / "unfolded.onnx", images, sizes), _run(tmp_path / "folded.onnx", images, sizes)):
+        np.testing.assert_array_equal(a, b)

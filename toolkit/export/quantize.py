@@ -176,6 +176,9 @@ def quantize_graph(
         except Exception as e:
             raise ExportError(f"ONNX Runtime's quantize_static failed: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
     result = onnx.load(str(output))
+    from .qdq_constants import fold_constant_dequantize
+
+    fold_constant_dequantize(result)  # Clip bounds, scalars, embeddings: fp32 again (TensorRT refuses them quantized)
     _check_io(original, result)
     info = QuantizeInfo(method, activations, scope, len(feeds), len(quantize), len(keep), list(exclude), prepared=prepare,
                         islands=list(keep_fp32))
