@@ -229,3 +229,25 @@ def test_zero_y_bug_through_the_tensorrt_double(tiny_onnx, tmp_path, monkeypatch
         "(engine expects int32, check the binding)") for f in broken.sentinels), broken.summary()
     fixed = compare(tiny_onnx, engine)
     assert fixed.ok, fixed.summary()
+
+
+def test_tolerance_profile_follows_the_recorded_precision(shapes_onnx):
+    """compare picks the profile of the lower precision the sides record and names it: the same shift of
+    every box (0.4 px) is a defect between two fp32 files (fp32 profile) and rounding noise when a side is fp16."""
+    import toolkit
+    from tests.conftest import shifted_engine
+    from toolkit.checks.compare import compare
+    from toolkit.checks.matching import PROFILES
+
+    ref = toolkit.load(shapes_onnx["int64"], device="cpu")
+    assert ref.precision == "fp32"  # recorded by the export
+    moved = shifted_engine(ref, 0.4)
+    for precision, profile, verdict in (("fp32", "fp32", "disagree"), ("fp16", "fp16", "agree"), (None, "fp16", "agree"),
+                                        ("int8", "int8", "agree")):
+        moved.precision = precision
+        report = compare(ref, moved)
+        assert report.profile == profile and report.thresholds == PROFILES[profile], (precision, report.profile)
+        assert report.verdict == verdict and report.compared >= 8, (precision, report.summary())
+        assert f"the {profile} profile" in report.summary()
+    given = compare(ref, moved, thresholds=PROFILES["fp32"])
+    assert given.profile == "given" and given.verdict == "disagree"

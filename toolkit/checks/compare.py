@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..atomic import write_text
 from ..errors import InputError
 from ..signature import INPUT_IMAGES
-from .matching import TIE_GAP, Thresholds, match_image
+from .matching import TIE_GAP, Thresholds, match_image, profile_for
 from .report import CompareReport, _draw_disagreements
 from .sentinels import Finding, check_empty, check_outputs
 from .sides import Side, _build_sides, _write_reference, selection_gap
@@ -41,7 +41,7 @@ def compare(
     images: Sequence[str | Path] | str | Path | None = None,
     *,
     score_threshold: float = 0.3,
-    thresholds: Thresholds = Thresholds(),
+    thresholds: Thresholds | None = None,
     report_dir: str | Path | None = None,
     backend_a: str | None = None,
     backend_b: str | None = None,
@@ -54,6 +54,8 @@ def compare(
     ``images``: files or directories (synthetic deterministic images when None and both sides are engines).
     ``report_dir``: write report.json, report.md and side-by-side images of disagreeing images there.
     ``save_reference_dir``: also store side A (an engine) as a reference bundle (:func:`save_reference`).
+    ``thresholds``: None picks the tolerance profile of the lower precision the two sides record
+    (:data:`~toolkit.checks.matching.PROFILES`: fp32, fp16, int8; fp16's when a side does not say); the report names it.
     """
     if isinstance(images, (str, Path)):
         images = [images]
@@ -63,7 +65,15 @@ def compare(
             if side_a.engine is None:
                 raise InputError("--save-reference stores side A's inputs and outputs: A must be an engine, not a file")
             _write_reference(side_a, save_reference_dir)
-        report = judge(side_a, side_b, score_threshold, thresholds)
+        chosen = thresholds
+        if chosen is None:
+            precisions = [getattr(s.engine, "precision", None) for s in (side_a, side_b)]
+            profile, chosen = profile_for(*precisions)
+            said = ", ".join(f"{s.name} {p or 'not recorded'}" for s, p in zip((side_a, side_b), precisions))
+        report = judge(side_a, side_b, score_threshold, chosen)
+        report.profile = profile if thresholds is None else "given"
+        if thresholds is None:
+            report.notes.append(f"tolerances: the {profile} profile (precision: {said})")
         if report_dir is not None:
             out = Path(report_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,31 @@ class Thresholds:
     fallback_top_k: int = 10
 
 
+#: One tolerance profile per precision, chosen by :func:`profile_for` from what the compared files record.
+#: ``fp32``: both sides compute in fp32 (TF32 off): backends differ by ~1e-3 px and ~1e-5 in scores, so a 0.25 px
+#: median shift or 0.02 of score is already a defect. ``fp16``: the defaults above (fp16 moves normalized
+#: coordinates by ~2^-11 of the image side, scores by ~1e-3..1e-2). ``int8``: a few px of box movement and ~0.1-0.3
+#: of score are quantization noise; a lost or relabelled confident detection is not (accuracy itself is judged by
+#: mAP: ``rtdetr-deploy quantize``'s gate).
+PROFILES: dict[str, Thresholds] = {
+    "fp32": Thresholds(min_iou=0.98, median_iou=0.99, subpixel_px=0.1, median_shift_px=0.25, shift_fraction=0.0002,
+                       max_score_delta=0.02),
+    "fp16": Thresholds(),
+    "int8": Thresholds(min_iou=0.80, median_iou=0.93, subpixel_px=1.0, median_shift_px=2.0, shift_fraction=0.004,
+                       max_score_delta=0.35, score_margin=0.15, min_matched_fraction=0.9),
+}
+_ORDER = {"int8": 0, "fp16": 1, "bf16": 1, "fp32": 2}
+
+
+def profile_for(*precisions: str | None) -> tuple[str, Thresholds]:
+    """The profile of the lowest precision among the sides; ``fp16`` (the defaults) when any side does not say."""
+    if not precisions or any(p not in _ORDER for p in precisions):
+        return "fp16", PROFILES["fp16"]
+    low = min(precisions, key=lambda p: _ORDER[p])  # type: ignore[arg-type]
+    name = "fp16" if low == "bf16" else low
+    return name, PROFILES[name]
+
+
 @dataclass
 class ImageStats:
     """One image's comparison; ``None`` statistics when nothing was matched."""

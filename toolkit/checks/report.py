@@ -49,6 +49,7 @@ class CompareReport:
     compared: int = 0
     selection: str = ""
     random_weights: dict[str, str | None] = field(default_factory=dict)  # "a"/"b": how generated weights were made
+    profile: str = "given"  # the tolerance profile (fp32, fp16, int8: toolkit.checks.matching.PROFILES) or "given"
 
     @property
     def ok(self) -> bool:
@@ -85,12 +86,13 @@ class CompareReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Stable keys: format, ok, verdict, reason, compared, selection, random_weights, backend_a, backend_b,
-        score_threshold, thresholds, images (one dict per image: ImageStats fields plus ok), sentinels (backend,
+        score_threshold, thresholds, profile, images (one dict per image: ImageStats fields plus ok), sentinels (backend,
         check, message, images), notes, files."""
         return {
             "format": REPORT_FORMAT, "ok": self.ok, "verdict": self.verdict, "reason": self.reason, "compared": self.compared,
             "selection": self.selection, "random_weights": dict(self.random_weights), "backend_a": self.backend_a,
             "backend_b": self.backend_b, "score_threshold": self.score_threshold, "thresholds": asdict(self.thresholds),
+            "profile": self.profile,
             "images": [{**asdict(s), "ok": s.ok} for s in self.images], "sentinels": [f.to_dict() for f in self.sentinels],
             "notes": list(self.notes), "files": [str(p) for p in self.files],
         }

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..atomic import atomic_path, check_output_path
-from ..checks.matching import Thresholds
+from ..checks.matching import PROFILES
 from ..errors import InputError, ToolkitError
 
 CALIBRATION_SEED = 20_261_203  # synthetic calibration images: neither training's seeds nor evaluation's
 #: compare tolerances for INT8 against fp32: a few px of box movement and ~0.1 of score are quantization noise,
 #: a lost or relabelled confident detection is not.
-INT8_THRESHOLDS = Thresholds(min_iou=0.80, median_iou=0.93, subpixel_px=1.0, median_shift_px=2.0, shift_fraction=0.004,
-                             max_score_delta=0.35, score_margin=0.15, min_matched_fraction=0.9)
+INT8_THRESHOLDS = PROFILES["int8"]
 #: share of images that must agree under :data:`INT8_THRESHOLDS`. INT8 moves a few confident scores by more than any
 #: per-image tolerance that would still catch a wrong box (on the fixture 87-90% of images agree with the default
 #: recipe, boxes within 0.5 px); accuracy itself is judged by the mAP gate, this one catches broken geometry.

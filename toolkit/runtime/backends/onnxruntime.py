@@ -104,6 +104,7 @@ class OnnxRuntimeEngine(BaseEngine):
         names = _class_names(path, meta)
         super().__init__(signature, device, class_names=names, **options)
         self.random_weights = meta.get("random_weights")
+        self.precision = meta.get("precision")  # as exported / quantized; None for a file the toolkit did not write
         self.warnings = [w for w in (signature.batch_warning(),) if w]
         for w in self.warnings:
             warnings.warn(f"{path}: {w}", RuntimeWarning, stacklevel=3)
