@@ -129,6 +129,17 @@ def test_load_and_reproduce_the_official_outputs(atto_checkpoint, atto_reference
     assert m.max_box_diff < 1e-3 and m.max_score_diff < 1e-5, m
 
 
+def test_an_official_deimv2_model_is_not_saved_as_a_hf_directory(atto_checkpoint, tmp_path):
+    """transformers would rebuild its own Deimv2 structure from the directory (584 px off on Atto): refused, nothing written."""
+    from toolkit.errors import ConfigError
+    from toolkit.models.loading import save_model
+
+    model = load_model(atto_checkpoint)
+    with pytest.raises(ConfigError, match="official DEIMv2 checkpoint .* keep the .pth, or export it"):
+        save_model(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.slow
 def test_the_official_structure_survives_export(atto_checkpoint, tmp_path):
     """The patched decoder (query position embedding once, SiLU heads, no enc_output) is what the ONNX graph computes:

@@ -34,6 +34,11 @@ def save_model(model: DeployModel, directory: str | Path) -> Path:
     """Save a transformers-backed model as a Hugging Face checkpoint directory plus ``deploy.json``."""
     if not hasattr(model.model, "save_pretrained"):
         raise ConfigError("only transformers models can be saved as checkpoint directories")
+    official = getattr(model.model, "_toolkit_official_structure", None)
+    if official:  # transformers would reload it with its own structure: different boxes, silently
+        raise ConfigError(f"{model.name}: an official {official} checkpoint runs with the official structure, which a Hugging "
+                          f"Face directory cannot record (transformers would rebuild it differently); keep the .pth, or "
+                          f"export it (rtdetr-deploy export CHECKPOINT.pth -o model.onnx)")
     out = Path(directory)
     model.model.save_pretrained(out, safe_serialization=True)
     deploy = {"name": model.name, "top_k": model.top_k, "input_size": list(model.preprocess.size), "resize": model.preprocess.resize}

@@ -116,6 +116,7 @@ def official_structure(model: nn.Module) -> nn.Module:
     """
     from transformers.activations import ACT2CLS
 
+    model._toolkit_official_structure = "DEIMv2"  # save_model refuses it: a HF directory cannot carry this structure
     inner = getattr(model, "model", None)
     if isinstance(getattr(inner, "enc_output", None), nn.Sequential):
         inner.enc_output = nn.Identity()
