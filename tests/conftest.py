@@ -135,3 +135,14 @@ def served(shapes_onnx, tmp_path_factory):
         server.stop()  # SIGTERM to its pid, then wait
         status = Path(f"/proc/{server.pid}/status")  # a zombie has exited: it is only waiting to be reaped
         assert not (status.is_file() and "zombie" not in status.read_text())
+
+
+def tensorrt_rtx_or_skip():
+    """The TensorRT-RTX module as the toolkit's builder finds it (tensorrt_rtx, else tensorrt_rtx_bindings), else skip."""
+    from toolkit.builders.tensorrt import _import
+    from toolkit.errors import MissingDependencyError
+
+    try:
+        return _import("tensorrt-rtx", None)
+    except MissingDependencyError as e:
+        pytest.skip(str(e))

@@ -6,23 +6,16 @@ the H100). TensorRT-RTX 1.x cannot deserialize or run engines on compute capabil
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 import torch
 
+from tests.conftest import tensorrt_rtx_or_skip
 from toolkit.builders.build import build_engine
 from toolkit.runtime.sidecar import sidecar_path
 
 
-def _rtx():
-    for name in ("tensorrt_rtx", "tensorrt_rtx_bindings"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    pytest.skip("TensorRT-RTX is not installed (tensorrt_rtx / tensorrt_rtx_bindings)")
 
 
 def _build_and_check(onnx_path, out, rtx, sample=None):
@@ -49,13 +42,13 @@ def _build_and_check(onnx_path, out, rtx, sample=None):
 
 @pytest.mark.gpu
 def test_rtx_builds_tiny(tiny_onnx, tmp_path, sample_images):
-    rtx = _rtx()
+    rtx = tensorrt_rtx_or_skip()
     _build_and_check(tiny_onnx, tmp_path / "tiny.engine", rtx, sample_images)
 
 
 @pytest.mark.gpu
 def test_rtx_builds_r50(tmp_path):
-    rtx = _rtx()
+    rtx = tensorrt_rtx_or_skip()
     from toolkit.export.onnx import export_onnx
 
     onnx_path = tmp_path / "r50.onnx"

@@ -14,8 +14,8 @@ import torch
 import toolkit
 from toolkit.errors import InputError
 from toolkit.runtime.jpeg_header import orient, parse_jpeg_header
-from toolkit.runtime.pipeline import ImagePipeline, preprocess_group
-from toolkit.runtime.preprocessing import preprocess, preprocess_one, read_image
+from toolkit.runtime.pipeline import ImagePipeline
+from toolkit.runtime.preprocessing import preprocess, preprocess_one, read_image, resize_normalize
 from toolkit.signature import PreprocessSpec
 
 Image = pytest.importorskip("PIL.Image")
@@ -110,7 +110,7 @@ def test_malformed_headers_go_to_the_cpu_decoder(data):
 def test_grouped_resize_equals_one_by_one(spec):
     images = torch.stack([torch.from_numpy(_scene(i, 66, 90).copy()).permute(2, 0, 1) for i in range(3)])
     ref = torch.stack([preprocess_one(im, spec)[0] for im in images])
-    assert torch.equal(preprocess_group(images, spec), ref)
+    assert torch.equal(resize_normalize(images, spec), ref)
 
 
 @pytest.mark.parametrize("gpu_code", [False, True], ids=["cpu-path", "gpu-path-code-on-cpu"])

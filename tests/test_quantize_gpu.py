@@ -7,10 +7,11 @@ Run on a GPU machine: ``pytest -q -m gpu tests/test_quantize_gpu.py``. The ORT C
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
+
+from tests.conftest import tensorrt_rtx_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +48,11 @@ def test_int8_qdq_graph_runs_on_ort_cuda_like_ort_cpu(int8_pair, tmp_path):
     assert report.verdict == "agree", report.summary()
 
 
-def _rtx():
-    for name in ("tensorrt_rtx", "tensorrt_rtx_bindings"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    pytest.skip("TensorRT-RTX is not installed (tensorrt_rtx / tensorrt_rtx_bindings)")
 
 
 @pytest.mark.gpu
 def test_int8_qdq_graph_builds_with_tensorrt_rtx_and_records_layer_precisions(int8_pair, tmp_path):
-    _rtx()
+    tensorrt_rtx_or_skip()
     from toolkit.builders.build import build_engine
     from toolkit.runtime.sidecar import sidecar_path
 

@@ -65,15 +65,15 @@ def compare(
             if side_a.engine is None:
                 raise InputError("--save-reference stores side A's inputs and outputs: A must be an engine, not a file")
             _write_reference(side_a, save_reference_dir)
-        chosen = thresholds
-        if chosen is None:
+        if thresholds is None:
             precisions = [getattr(s.engine, "precision", None) for s in (side_a, side_b)]
             profile, chosen = profile_for(*precisions)
+            report = judge(side_a, side_b, score_threshold, chosen)
+            report.profile = profile
             said = ", ".join(f"{s.name} {p or 'not recorded'}" for s, p in zip((side_a, side_b), precisions))
-        report = judge(side_a, side_b, score_threshold, chosen)
-        report.profile = profile if thresholds is None else "given"
-        if thresholds is None:
             report.notes.append(f"tolerances: the {profile} profile (precision: {said})")
+        else:
+            report = judge(side_a, side_b, score_threshold, thresholds)
         if report_dir is not None:
             out = Path(report_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,12 @@ def fold_constant_dequantize(model: Any) -> list[str]:
         uses = consumers.get(node.output[0], [])
         if uses and all(k in WEIGHT_SLOTS.get(c.op_type, ()) for c, k in uses):
             continue
+        has_zero = len(node.input) > 2 and node.input[2] != ""
+        if node.input[1] not in inits or (has_zero and node.input[2] not in inits):
+            continue  # a scale or zero point computed at run time: left to the runtime
         q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32) if node.input[1] in inits else None
-        zero = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-                if len(node.input) > 2 and node.input[2] in inits else np.zeros_like(scale) if scale is not None else None)
-        if scale is None:  # a scale computed at run time: leave it to the runtime
-            continue
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if has_zero else np.zeros_like(scale)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         if scale.ndim == 1 and q.ndim > 0 and scale.size > 1:
             shape = [1] * q.ndim
@@ -50,7 +50,7 @@ def fold_constant_dequantize(model: Any) -> list[str]:
         folded.append(node.input[0])
     for node in drop:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used and i.name not in {o.name for o in graph.output}]:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return folded

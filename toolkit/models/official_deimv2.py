@@ -26,12 +26,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from .config import available_configs, build_model, load_config
+from ..errors import CheckpointError
 from .contract import DeployModel
 from .official import LoadReport
-from .official_dfine import compile_rules, plan_load as _plan_load
-from .weights import _read_state_dict
+from .official_dfine import compile_rules, infer_named_config, load_official_family, plan_load as _plan_load, read_official_state
 
 DEIMV2_CONFIGS = ("deimv2_atto", "deimv2_femto", "deimv2_pico", "deimv2_n", "deimv2_s", "deimv2_m", "deimv2_l", "deimv2_x")
 
@@ -176,19 +174,7 @@ def _fills_one(key: str, target: Mapping[str, torch.Tensor]) -> bool:
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> str:
     """The one named DEIMv2 config the checkpoint fits completely; a refusal when none or several do."""
-    fitting = []
-    meta = {k: v.to("meta") for k, v in state.items()}
-    for name in DEIMV2_CONFIGS:
-        with torch.device("meta"):
-            model = official_structure(build_model(name).model)
-        _, report = plan_load(model, meta, name)
-        if report.complete:
-            fitting.append(name)
-    if len(fitting) != 1:
-        why = "none of" if not fitting else f"several ({', '.join(fitting)}) of"
-        raise CheckpointError(f"the weights fit {why} the DEIMv2 configs {', '.join(DEIMV2_CONFIGS)}, so they cannot decide "
-                              "the architecture; give config= (a name or a JSON path)")
-    return fitting[0]
+    return infer_named_config(state, DEIMV2_CONFIGS, "DEIMv2", plan=plan_load, prepare=official_structure)
 
 
 def load_deimv2_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config: str | Path | None = None,
@@ -198,26 +184,11 @@ def load_deimv2_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config
     The pickle is read with ``weights_only=True``. Without ``config`` the architecture is inferred from the shapes;
     anything short of a complete load is an error unless ``allow_partial``.
     """
-    state = path if isinstance(path, Mapping) else _read_state_dict(Path(path))
-    where = name or ("the state dict" if isinstance(path, Mapping) else str(path))
+    state, where = read_official_state(path, name)
     if not looks_deimv2(state):
         raise CheckpointError(f"{where}: not an official DEIMv2 checkpoint (no decoder.decoder.lqe_layers.* / *.swish_ffn.w12.* keys)")
     if any(k.startswith("backbone.dinov3.") for k in state):
         raise CheckpointError(f"{where}: an official DEIMv2 DINOv3 checkpoint (S/M/L/X); only the HGNetV2 ones (Atto, Femto, Pico, N) "
                               "are remapped: convert it to a Hugging Face directory with transformers' DEIMv2 converter and load that")
-    try:
-        cfg = load_config(config if config is not None else infer_config(state))
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    if cfg.model_type != "deimv2":
-        raise ConfigError(f"{where}: config {cfg.name!r} is {cfg.model_type}, the checkpoint is DEIMv2 "
-                          f"(DEIMv2 configs: {', '.join(n for n in available_configs() if n.startswith('deimv2_'))})")
-    model = build_model(cfg)
-    official_structure(model.model)
-    fits, report = plan_load(model.model, state, cfg.name)
-    if not report.complete and not allow_partial:
-        raise ConfigError(f"{where}: the checkpoint does not fit config {cfg.name!r} ({report.summary()})")
-    with torch.no_grad():
-        model.model.load_state_dict(fits, strict=False)
-    model.load_report = report
-    return model
+    return load_official_family(state, where, config, allow_partial, family="DEIMv2", model_type="deimv2", prefix="deimv2_",
+                                infer=infer_config, plan=plan_load, prepare=official_structure)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -137,20 +137,56 @@ def plan_load(model: nn.Module, state: Mapping[str, torch.Tensor], config: str =
     return fits, report
 
 
-def infer_config(state: Mapping[str, torch.Tensor]) -> str:
-    """The one named D-FINE config the checkpoint fits completely; a refusal when none or several do."""
+def infer_named_config(state: Mapping[str, torch.Tensor], configs: tuple[str, ...], family: str, *,
+                       plan: Callable = plan_load, prepare: Callable[[nn.Module], nn.Module] = lambda m: m) -> str:
+    """The one config of ``configs`` the checkpoint fits completely (each built on the meta device, ``prepare``d
+    as the loader will prepare it); a refusal when none or several do. Shared by the D-FINE and DEIMv2 loaders."""
+    meta = {k: v.to("meta") for k, v in state.items()}
     fitting = []
-    for name in DFINE_CONFIGS:
+    for name in configs:
         with torch.device("meta"):
-            model = build_model(name).model
-        _, report = plan_load(model, {k: v.to("meta") for k, v in state.items()}, name)
-        if report.complete:
+            model = prepare(build_model(name).model)
+        if plan(model, meta, name)[1].complete:
             fitting.append(name)
     if len(fitting) != 1:
         why = "none of" if not fitting else f"several ({', '.join(fitting)}) of"
-        raise CheckpointError(f"the weights fit {why} the D-FINE configs {', '.join(DFINE_CONFIGS)}, so they cannot decide "
+        raise CheckpointError(f"the weights fit {why} the {family} configs {', '.join(configs)}, so they cannot decide "
                               "the architecture; give config= (a name or a JSON path)")
     return fitting[0]
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> str:
+    """The one named D-FINE config the checkpoint fits completely; a refusal when none or several do."""
+    return infer_named_config(state, DFINE_CONFIGS, "D-FINE")
+
+
+def read_official_state(path: str | Path | Mapping[str, torch.Tensor], name: str | None) -> tuple[Mapping[str, torch.Tensor], str]:
+    """(state dict, how to name it in errors) of a checkpoint path (read with ``weights_only=True``) or a state dict."""
+    state = path if isinstance(path, Mapping) else _read_state_dict(Path(path))
+    return state, name or ("the state dict" if isinstance(path, Mapping) else str(path))
+
+
+def load_official_family(state: Mapping[str, torch.Tensor], where: str, config: str | Path | None, allow_partial: bool, *,
+                         family: str, model_type: str, prefix: str, infer: Callable, plan: Callable = plan_load,
+                         prepare: Callable[[nn.Module], nn.Module] = lambda m: m) -> DeployModel:
+    """The config (given, else ``infer``red from the shapes), the model built and ``prepare``d, the remapped tensors
+    loaded and the :class:`LoadReport` attached; anything short of a complete load is an error unless ``allow_partial``."""
+    try:
+        cfg = load_config(config if config is not None else infer(state))
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if cfg.model_type != model_type:
+        raise ConfigError(f"{where}: config {cfg.name!r} is {cfg.model_type}, the checkpoint is {family} "
+                          f"({family} configs: {', '.join(n for n in available_configs() if n.startswith(prefix))})")
+    model = build_model(cfg)
+    prepare(model.model)
+    fits, report = plan(model.model, state, cfg.name)
+    if not report.complete and not allow_partial:
+        raise ConfigError(f"{where}: the checkpoint does not fit config {cfg.name!r} ({report.summary()})")
+    with torch.no_grad():
+        model.model.load_state_dict(fits, strict=False)
+    model.load_report = report
+    return model
 
 
 def load_dfine_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config: str | Path | None = None,
@@ -161,22 +197,8 @@ def load_dfine_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config:
     ``config`` the architecture is inferred from the shapes; anything short of a complete load is an error
     unless ``allow_partial``.
     """
-    state = path if isinstance(path, Mapping) else _read_state_dict(Path(path))
-    where = name or ("the state dict" if isinstance(path, Mapping) else str(path))
+    state, where = read_official_state(path, name)
     if not looks_dfine(state):
         raise CheckpointError(f"{where}: not an official D-FINE checkpoint (no decoder.decoder.lqe_layers.* / backbone.stem.* keys)")
-    try:
-        cfg = load_config(config if config is not None else infer_config(state))
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    if cfg.model_type != "d_fine":
-        raise ConfigError(f"{where}: config {cfg.name!r} is {cfg.model_type}, the checkpoint is D-FINE "
-                          f"(D-FINE configs: {', '.join(n for n in available_configs() if n.startswith('dfine_'))})")
-    model = build_model(cfg)
-    fits, report = plan_load(model.model, state, cfg.name)
-    if not report.complete and not allow_partial:
-        raise ConfigError(f"{where}: the checkpoint does not fit config {cfg.name!r} ({report.summary()})")
-    with torch.no_grad():
-        model.model.load_state_dict(fits, strict=False)
-    model.load_report = report
-    return model
+    return load_official_family(state, where, config, allow_partial, family="D-FINE", model_type="d_fine", prefix="dfine_",
+                                infer=infer_config)

@@ -31,7 +31,7 @@ import torch
 from ..errors import InputError
 from ..signature import PreprocessSpec
 from .jpeg_header import orient, parse_jpeg_header
-from .preprocessing import letterbox_geometry, preprocess_one, read_image
+from .preprocessing import preprocess_one, read_image, resize_normalize
 
 _DONE = object()
 
@@ -47,27 +47,6 @@ class PipelineBatch:
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
-
-
-def preprocess_group(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """``preprocess_one`` on a stack of same-sized uint8 images [N,3,h,w] (any device): one resize for all."""
-    from torchvision.transforms.v2 import functional as F
-
-    h, w = int(images.shape[-2]), int(images.shape[-1])
-    if spec.resize == "stretch":
-        out = F.resize(images, list(spec.size), antialias=True)
-    else:
-        _, new_w, new_h, left, top = letterbox_geometry((w, h), spec.size)
-        out = F.resize(images, [new_h, new_w], antialias=True)
-        right, bottom = spec.size[1] - new_w - left, spec.size[0] - new_h - top
-        out = F.pad(out, [left, top, right, bottom], fill=round(spec.pad_value * 255))
-    out = F.to_dtype(out, torch.float32, scale=True)
-    if spec.channel_order == "BGR":
-        out = out.flip(-3)
-    lo, hi = spec.value_range
-    if (lo, hi) != (0.0, 1.0):
-        out = out * (hi - lo) + lo
-    return out.contiguous()
 
 
 class _Regroup:
@@ -145,13 +124,20 @@ class ImagePipeline:
                 continue
         return False
 
-    def _get(self, q: queue.Queue) -> Any:
+    def _items(self, q: queue.Queue) -> Iterator[Any]:
+        """What a producer thread puts on ``q``, until it is done (or the pipeline stops); its failure is raised here."""
         while True:
             try:
-                return q.get(timeout=0.1)
+                item = q.get(timeout=0.1)
             except queue.Empty:
                 if self._stop.is_set():
-                    return _DONE
+                    return
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
 
     def _guard(self, out: queue.Queue, work: Any) -> None:
         try:
@@ -253,10 +239,10 @@ class ImagePipeline:
         for k, img in enumerate(images):
             groups.setdefault(tuple(img.shape[-2:]), []).append(k)
         if len(groups) == 1:
-            return preprocess_group(torch.stack(images), self.spec)
+            return resize_normalize(torch.stack(images), self.spec)
         prepared: list[Any] = [None] * len(images)
         for members in groups.values():
-            for k, t in zip(members, preprocess_group(torch.stack([images[k] for k in members]), self.spec)):
+            for k, t in zip(members, resize_normalize(torch.stack([images[k] for k in members]), self.spec)):
                 prepared[k] = t
         return torch.stack(prepared)
 
@@ -266,13 +252,7 @@ class ImagePipeline:
             if self._cuda:
                 ctx.enter_context(torch.cuda.device(self.device))
                 ctx.enter_context(torch.cuda.stream(stream))
-            while True:
-                item = self._get(inbox)
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                start, entries = item
+            for start, entries in self._items(inbox):
                 if self._cuda:
                     began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     began.record(stream)
@@ -318,13 +298,7 @@ class ImagePipeline:
         for t in threads:
             t.start()
         try:
-            index = 0
-            while True:
-                item = self._get(out)
-                if item is _DONE:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.exc
+            for index, item in enumerate(self._items(out)):
                 if self._cuda:
                     paths, images, sizes, ready = item
                     current = torch.cuda.current_stream(self.device)
@@ -341,7 +315,6 @@ class ImagePipeline:
                     released = torch.cuda.Event(enable_timing=True)
                     released.record(current)
                     self.infer_events.append((handed, released))
-                index += 1
         finally:
             self._stop.set()
             for t in threads:

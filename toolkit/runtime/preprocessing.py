@@ -108,26 +108,33 @@ def letterbox_geometry(orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> tu
     return scale, new_w, new_h, (size_hw[1] - new_w) // 2, (size_hw[0] - new_h) // 2
 
 
-def preprocess_one(image: Any, spec: PreprocessSpec) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One image -> (float32 [3,H,W] in ``spec.value_range``, original (w, h))."""
+def resize_normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 [3,h,w] or a stack of same-sized ones [N,3,h,w] (any device) -> float32 at ``spec.size`` in
+    ``spec.value_range``: the resize (stretch or letterbox), channel order and range of the preprocessing spec.
+    One resize call for a whole stack (the GPU pipeline's batches), bitwise what it does to each image alone."""
     from torchvision.transforms.v2 import functional as F
 
-    img = _to_uint8_chw(image)
-    orig_h, orig_w = int(img.shape[-2]), int(img.shape[-1])
+    h, w = int(images.shape[-2]), int(images.shape[-1])
     if spec.resize == "stretch":
-        out = F.resize(img, list(spec.size), antialias=True)
+        out = F.resize(images, list(spec.size), antialias=True)
     else:
-        _, new_w, new_h, left, top = letterbox_geometry((orig_w, orig_h), spec.size)
-        out = F.resize(img, [new_h, new_w], antialias=True)
+        _, new_w, new_h, left, top = letterbox_geometry((w, h), spec.size)
+        out = F.resize(images, [new_h, new_w], antialias=True)
         right, bottom = spec.size[1] - new_w - left, spec.size[0] - new_h - top
         out = F.pad(out, [left, top, right, bottom], fill=round(spec.pad_value * 255))
     out = F.to_dtype(out, torch.float32, scale=True)
     if spec.channel_order == "BGR":
-        out = out.flip(0)
+        out = out.flip(-3)
     lo, hi = spec.value_range
     if (lo, hi) != (0.0, 1.0):
         out = out * (hi - lo) + lo
-    return out.contiguous(), (orig_w, orig_h)
+    return out.contiguous()
+
+
+def preprocess_one(image: Any, spec: PreprocessSpec) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> (float32 [3,H,W] in ``spec.value_range``, original (w, h))."""
+    img = _to_uint8_chw(image)
+    return resize_normalize(img, spec), (int(img.shape[-1]), int(img.shape[-2]))
 
 
 def preprocess(images: Any, spec: PreprocessSpec, sizes_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
