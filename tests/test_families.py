@@ -245,18 +245,21 @@ def test_aoti_cpu_package_matches_onnxruntime(tiny_models, tiny_onnx, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_gpu_dfine_aoti_matches_eager(tiny_models, tmp_path, precision):
-    """D-FINE's AOTInductor package against eager torch on CUDA in the same precision (fp16: the eager side runs under
-    autocast), detection by detection (compare's verdict). Eager fp32 is not the reference for fp16 here: these seeded
-    random weights are sensitive enough that fp16 alone moves boxes (IoU ~0.85 against fp32, seen on an H200)."""
+def test_gpu_dfine_aoti_matches_eager(tmp_path, precision):
+    """D-FINE's AOTInductor package against eager fp32 torch on CUDA, detection by detection (compare's verdict).
+
+    The weights are the seed-1 noise whose fp16 selection is robust (the CPU fp16 export test above). Eager fp32 is
+    the reference for both precisions: half weights (what the package runs) agree with fp32 on these weights, while
+    fp16 *autocast* does not (CPU, torch 2.14: half vs fp32 agree on 252 detections, autocast vs fp32 disagree on 1
+    of 4 images), so autocast is no reference for a half-weights package."""
     from toolkit.builders.aoti import build_aoti
 
-    model = tiny_models["dfine_tiny"]
+    model = make_tie_free_(build_model("dfine_tiny", seed=0), seed=1, std=NOISE)
     path = build_aoti(model, tmp_path / f"d_{precision}.pt2", precision=precision, batch=(1, 2, 4), device="cuda", progress=False)
     engine = toolkit.load(path)
     assert engine.device.type == "cuda"
-    report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda", precision=precision), engine)
-    assert report.ok, report.summary()
+    report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda"), engine)
+    assert report.ok and report.verdict == "agree", report.summary()
 
 
 @pytest.mark.slow
