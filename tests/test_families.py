@@ -9,6 +9,7 @@ D-FINE and DEIMv2 amplify weight noise more than RT-DETR does, so their noise is
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 import toolkit
 from tests.conftest import run_cli
+from toolkit.checks.matching import Thresholds
 from toolkit.errors import ConfigError
 from toolkit.models.config import available_configs, build_model, load_config, make_tie_free_
 from toolkit.models.families import IMAGENET, families, family_for, family_of, transformers_classes
@@ -243,23 +245,48 @@ def test_aoti_cpu_package_matches_onnxruntime(tiny_models, tiny_onnx, tmp_path):
     assert report.ok and report.verdict != "too_flat", report.summary()
 
 
+#: fp16 tolerance for random-weight D-FINE on CUDA, measured on an H100 (torch 2.11, 2026-12-05, seed-1 weights below, the
+#: compare's 4 synthetic images): eager torch alone, half weights folded vs unfolded (same precision, no compiler),
+#: moves a few boxes to IoU 0.90 (seed 0 weights: 0.85, plus a confident detection swapped); the AOTI fp16 package vs
+#: eager fp32: 0.94 (seed 0: 0.85). Random-weight D-FINE's refinement amplifies fp16 rounding in a few boxes, so the
+#: tails get the spread eager fp16 shows by itself; the medians, scores and matching stay those of the fp16 profile,
+#: which a wrong layout, a dropped fold or a broken kernel fails by far.
+DFINE_FP16 = Thresholds(min_iou=0.80, min_matched_fraction=0.95)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gpu_dfine_aoti_matches_eager(tmp_path, precision):
     """D-FINE's AOTInductor package against eager fp32 torch on CUDA, detection by detection (compare's verdict).
 
-    The weights are the seed-1 noise whose fp16 selection is robust (the CPU fp16 export test above). Eager fp32 is
-    the reference for both precisions: half weights (what the package runs) agree with fp32 on these weights, while
-    fp16 *autocast* does not (CPU, torch 2.14: half vs fp32 agree on 252 detections, autocast vs fp32 disagree on 1
-    of 4 images), so autocast is no reference for a half-weights package."""
-    from toolkit.builders.aoti import build_aoti
+    fp32: the default fp32 profile. fp16: :data:`DFINE_FP16` (the spread fp16 rounding alone causes in eager torch on
+    these random weights), and the same images must also show that spread between two eager fp16 runs that differ only
+    in the fold, so the looser tails are never looser than what eager fp16 does by itself."""
+    from toolkit.builders.aoti import build_aoti, folded_body
+    from toolkit.models.contract import ReducedPrecision
+    from toolkit.runtime.backends.torch import TorchEngine
 
     model = make_tie_free_(build_model("dfine_tiny", seed=0), seed=1, std=NOISE)
     path = build_aoti(model, tmp_path / f"d_{precision}.pt2", precision=precision, batch=(1, 2, 4), device="cuda", progress=False)
     engine = toolkit.load(path)
     assert engine.device.type == "cuda"
-    report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda"), engine)
+    eager = toolkit.load(model, backend="torch", device="cuda")
+    if precision == "fp32":
+        report = toolkit.compare(eager, engine)
+        assert report.ok and report.verdict == "agree", report.summary()
+        return
+    halves = []
+    for fold in (True, False):  # eager fp16, half weights, with and without the fold: same precision, no compiler
+        half = TorchEngine(copy.deepcopy(model), torch.device("cuda"))
+        body = folded_body(copy.deepcopy(model), True)[0] if fold else copy.deepcopy(model)
+        half.model = ReducedPrecision(body, torch.float16).cuda().eval()
+        halves.append(half)
+    spread = toolkit.compare(*halves, thresholds=DFINE_FP16)
+    assert spread.ok, "eager fp16 spreads wider than DFINE_FP16 allows: " + spread.summary()
+    strict = toolkit.compare(*halves).ok  # where eager fp16 agrees with itself under the fp16 profile, so must the package
+    report = toolkit.compare(eager, engine, thresholds=None if strict else DFINE_FP16)
     assert report.ok and report.verdict == "agree", report.summary()
+    assert sum(s.matched for s in report.images) >= 100, report.summary()
 
 
 @pytest.mark.slow
