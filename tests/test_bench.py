@@ -108,3 +108,25 @@ def test_bench_aoti_with_inductor_options_on_cpu(tiny_model, tmp_path):
 
     # up to the order of equal scores: the folded package swaps two detections scoring 0.5391 at ranks 28/29
     _assert_detections_close(out, ref, box_atol=1e-2, score_atol=1e-4)
+
+
+def test_table_gives_each_row_its_ratio_to_both_peers_of_the_same_run():
+    """vs ORT and vs compile: the peer's median at the same precision and batch over the row's; never across precisions,
+    batches or from a peer row that did not measure (refused), so a missing peer leaves the cell empty."""
+    from toolkit.tasks.bench_report import TABLE_HEADER, table_rows
+
+    def row(backend, precision, batch, ms, graph=False, status="ok"):
+        return {"backend": backend, "precision": precision, "batch": batch, "cuda_graph": graph, "status": status,
+                "reason": "" if status == "ok" else "accuracy check failed", "median_ms": ms, "p90_ms": ms, "p99_ms": ms,
+                "images_per_s": batch * 1e3 / ms, "first_call_s": 1.0, "build_s": None, "compile_s": None}
+
+    rows = [row("aoti", "fp16", 1, 2.0, graph=True), row("aoti", "fp16", 32, 20.0, graph=True), row("aoti", "bf16", 1, 2.5, graph=True),
+            row("torch-compile", "fp16", 1, 3.0), row("torch-compile", "fp16", 32, 50.0, status="refused"),
+            row("onnxruntime", "fp16", 1, 16.0), row("onnxruntime", "fp16", 32, 120.0)]
+    table = {(t[0], t[1]): dict(zip(TABLE_HEADER, t)) for t in table_rows({"rows": rows})}
+    assert table[("aoti fp16 +graph", "1")]["vs ORT"] == "8.00x" and table[("aoti fp16 +graph", "1")]["vs compile"] == "1.50x"
+    assert table[("aoti fp16 +graph", "32")]["vs ORT"] == "6.00x"
+    assert table[("aoti fp16 +graph", "32")]["vs compile"] == ""  # the compile row was refused: no ratio to it
+    assert table[("aoti bf16 +graph", "1")]["vs ORT"] == table[("aoti bf16 +graph", "1")]["vs compile"] == ""  # no bf16 peers
+    assert table[("torch-compile fp16", "1")]["vs compile"] == "1.00x"
+    assert table[("torch-compile fp16", "32")]["median ms"] == "refused"

@@ -8,25 +8,30 @@ from typing import Any
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Rows for a terminal or markdown table, with the ratio to ONNX Runtime at the same precision and batch."""
-    ort = {(r["precision"], r["batch"]): r["median_ms"] for r in report["rows"]
-           if r["backend"] == "onnxruntime" and not r["cuda_graph"] and r["status"] == "ok"}
+    """Rows for a terminal or markdown table, with the ratios to the two peers a user would pick instead, measured in
+    the same run: ONNX Runtime (no graph) and ``torch.compile`` (reduce-overhead), at the same precision and batch."""
+    def peer(backend: str) -> dict[tuple[str, int], float]:
+        return {(r["precision"], r["batch"]): r["median_ms"] for r in report["rows"]
+                if r["backend"] == backend and not r["cuda_graph"] and r["status"] == "ok"}
+
+    ort, compiled = peer("onnxruntime"), peer("torch-compile")
     out = []
     for r in report["rows"]:
         label = f"{r['backend']} {r['precision']}" + (" +graph" if r["cuda_graph"] else "")
         if r["status"] != "ok":
-            out.append([label, str(r["batch"]), r["status"], "", "", "", "", r["reason"]])
+            out.append([label, str(r["batch"]), r["status"], "", "", "", "", "", r["reason"]])
             continue
-        base = ort.get((r["precision"], r["batch"]))
-        ratio = f"{base / r['median_ms']:.2f}x" if base else ""
+        ratio, vs_compile = (f"{base / r['median_ms']:.2f}x" if (base := peers.get((r["precision"], r["batch"]))) else ""
+                             for peers in (ort, compiled))
         built = f"build {r['build_s']:.0f} s, " if r.get("build_s") and r["build_s"] >= 1 else ""
         built += f"compile {r['compile_s']:.1f} s, " if r.get("compile_s") is not None else ""
         out.append([label, str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                    f"{r['images_per_s']:.0f}" + (f" (e2e {e2e:.0f})" if (e2e := r.get("end_to_end_images_per_s")) else ""), ratio, f"{built}first call {r['first_call_s']:.1f} s"])
+                    f"{r['images_per_s']:.0f}" + (f" (e2e {e2e:.0f})" if (e2e := r.get("end_to_end_images_per_s")) else ""), ratio, vs_compile,
+                    f"{built}first call {r['first_call_s']:.1f} s"])
     return out
 
 
-TABLE_HEADER = ["config", "batch", "median ms", "p90 ms", "p99 ms", "img/s", "vs ORT", "notes"]
+TABLE_HEADER = ["config", "batch", "median ms", "p90 ms", "p99 ms", "img/s", "vs ORT", "vs compile", "notes"]
 
 
 def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
