@@ -285,5 +285,10 @@ def load_deimv2_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config
     state, where = read_official_state(path, name)
     if not looks_deimv2(state):
         raise CheckpointError(f"{where}: not an official DEIMv2 checkpoint (no decoder.decoder.lqe_layers.* / *.swish_ffn.w12.* keys)")
-    return load_official_family(state, where, config, allow_partial, family="DEIMv2", model_type="deimv2", prefix="deimv2_",
-                                infer=infer_config, plan=plan_load, prepare=official_structure)
+    try:
+        return load_official_family(state, where, config, allow_partial, family="DEIMv2", model_type="deimv2", prefix="deimv2_",
+                                    infer=infer_config, plan=plan_load, prepare=official_structure)
+    except CheckpointError as e:  # the value checks of plan_load name the tensor, not the file
+        if str(e).startswith(f"{where}: "):
+            raise
+        raise CheckpointError(f"{where}: {e}") from None
