@@ -7,13 +7,15 @@ LiteEncoder (Atto, Femto, Pico) or D-FINE's hybrid encoder; its backbone HGNetV2
 spatial tuning adapter (S..X). :data:`RULES` renames every official tensor onto transformers (same engine and
 :class:`~toolkit.models.official.LoadReport` as :mod:`toolkit.models.official_dfine`), shape-checked.
 
-One structural difference: transformers' ``Deimv2Model`` (5.x up to at least 5.25) passes the encoder memory
-through ``enc_output`` (Linear + LayerNorm) before the query selection, which the official ``DEIMTransformer``
-does not have (it scores the memory itself, and takes the selected memory as the decoder's content). An official
-checkpoint has no tensors for it, so :func:`official_structure` replaces it by an identity: the model then
-computes the official function (pinned by ``tests/test_official_deimv2.py`` against outputs recorded from the
-official code). The config is inferred by fitting the checkpoint to each named DEIMv2 config: exactly one
-complete fit, or a refusal that says the weights cannot decide.
+transformers' ``Deimv2Model`` (5.x up to at least 5.25) differs structurally from the official code: it passes the
+encoder memory through ``enc_output`` (Linear + LayerNorm) before the query selection, which the official
+``DEIMTransformer`` does not have (it scores the memory itself, and takes the selected memory as the decoder's
+content), uses ReLU in box heads the official configs give SiLU, and recomputes the query position embedding per
+decoder layer; its DINOv3 backbone differs from the official ViT-Tiny (S, M) and DINOv3 ViT (L, X) as
+:func:`_official_dinov3` says. :func:`official_structure` gives the model the official form, so that it computes
+the official function (pinned by ``tests/test_official_deimv2.py`` against outputs recorded from the official
+code). The config is inferred by fitting the checkpoint to each named DEIMv2 config: exactly one complete fit, or a
+refusal that says the weights cannot decide.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def official_structure(model: nn.Module) -> nn.Module:
       ``decoder_activation_function`` / ``activation_function``, which its ``query_pos_head`` already uses);
     * the query position embedding is computed once, from the selected queries' boxes, and reused by every decoder
       layer, as the official decoder does (transformers recomputes it per layer from the refined boxes, D-FINE's way):
-      :func:`_first_query_pos`.
+      :func:`_first_query_pos`;
+    * a DINOv3 backbone (S..X) takes the official backbone's form: :func:`_official_dinov3`.
     """
     from transformers.activations import ACT2CLS
 
