@@ -4,14 +4,17 @@ outputs on seeded synthetic weights, as test data for ``tests/test_official_deim
 Not part of CI (it needs the official repository); CI reads what this writes:
 
 * ``tests/data/official_deimv2/VARIANT.json``: the official model's state-dict names, shapes and dtypes (the
-  model built by the official ``YAMLConfig`` from the variant's YAML, HGNetV2 ``pretrained: False``);
+  model built by the official ``YAMLConfig`` from the variant's YAML, HGNetV2 ``pretrained: False``, DINOv3
+  ``weights_path: None``: no pretrained backbone is read);
 * ``tests/data/official_deimv2/VARIANT_outputs.json`` (``--record``): what the official model computes in deploy
   mode (``model.deploy()`` + ``postprocessor.deploy()``, as the official ``tools/deployment/export_onnx.py``) on
-  ``tests.official_deimv2_data.synthetic_state(VARIANT, seed)`` and ``parity_image()``.
+  ``tests.official_deimv2_data.synthetic_state(VARIANT, seed)`` and ``parity_image()``; for the DINOv3 variants
+  (S..X) the image ImageNet-normalized first (``tests.official_deimv2_data.normalized``), as the official
+  inference (``tools/inference/torch_inf.py``) does for a ViT backbone.
 
     git --git-dir=<mirror of Intellindust-AI-Lab/DEIMv2> archive HEAD | tar -x -C /tmp/deimv2_official
     git --git-dir=<mirror> rev-parse HEAD > /tmp/deimv2_official/COMMIT
-    PYTHONPATH=$PWD python tools/official_deimv2.py --official /tmp/deimv2_official [--record deimv2_atto]
+    PYTHONPATH=$PWD python tools/official_deimv2.py --official /tmp/deimv2_official [--record deimv2_atto deimv2_s]
 
 The official package imports training-only dependencies at import time (tensorboard, torchvision's datasets
 and transforms, the data pipeline) that the toolkit's environment lacks. The model never uses them, so the
@@ -92,7 +95,13 @@ def _official(YAMLConfig, official: Path, yaml: str):
     cfg = YAMLConfig(str(official / "configs" / "deimv2" / yaml))
     if "HGNetv2" in cfg.yaml_cfg:
         cfg.yaml_cfg["HGNetv2"]["pretrained"] = False  # as the official export_onnx.py: no download
+    if "DINOv3STAs" in cfg.yaml_cfg:
+        cfg.yaml_cfg["DINOv3STAs"]["weights_path"] = None  # no pretrained ViT read (synthetic weights replace it)
     return cfg
+
+
+def _dinov3(cfg) -> bool:
+    return cfg.yaml_cfg.get("DEIM", {}).get("backbone") == "DINOv3STAs"
 
 
 def _selection_gap(model, image, num_queries: int) -> float:
@@ -109,12 +118,14 @@ def _selection_gap(model, image, num_queries: int) -> float:
 
 def write_manifest(YAMLConfig, official: Path, variant: str) -> Path:
     yaml = VARIANTS[variant]
-    model = _official(YAMLConfig, official, yaml).model
+    cfg = _official(YAMLConfig, official, yaml)
+    model = cfg.model
     params = {k for k, _ in model.named_parameters()}
     tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "parameter": k in params}
                for k, v in model.state_dict().items()}
+    setting = "DINOv3STAs weights_path=None" if _dinov3(cfg) else "HGNetv2 pretrained=False"
     record = {"source": f"Intellindust-AI-Lab/DEIMv2@{_commit(official)} configs/deimv2/{yaml}: the state_dict() of the model built "
-              "by the official YAMLConfig (HGNetv2 pretrained=False); names, shapes and dtypes only", "tensors": tensors}
+              f"by the official YAMLConfig ({setting}); names, shapes and dtypes only", "tensors": tensors}
     path = OUT / f"{variant}.json"
     path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
     return path
@@ -123,13 +134,17 @@ def write_manifest(YAMLConfig, official: Path, variant: str) -> Path:
 def record_outputs(YAMLConfig, official: Path, variant: str, seed: int, orig_size: list[int]) -> Path:
     import torch
 
-    from tests.official_deimv2_data import parity_image, synthetic_state
+    from tests.official_deimv2_data import normalized, parity_image, synthetic_state
 
     yaml = VARIANTS[variant]
     cfg = _official(YAMLConfig, official, yaml)
     model, post = cfg.model, cfg.postprocessor
     size = cfg.yaml_cfg["eval_spatial_size"]
     image = parity_image(size[0])
+    image_desc = f"parity_image({size[0]})"
+    if _dinov3(cfg):
+        image = normalized(image)  # the official inference normalizes for a ViT backbone; the model itself does not
+        image_desc = f"normalized({image_desc})"
     num_queries = cfg.yaml_cfg["DEIMTransformer"]["num_queries"]
     fresh = _official(YAMLConfig, official, yaml).model
     for attempt in range(20):
@@ -155,7 +170,8 @@ def record_outputs(YAMLConfig, official: Path, variant: str, seed: int, orig_siz
     record = {
         "source": f"Intellindust-AI-Lab/DEIMv2@{_commit(official)}: DEIM(...).deploy() and PostProcessor(...).deploy() of "
                   f"configs/deimv2/{yaml}, weights tests.official_deimv2_data.synthetic_state({variant!r}, seed={used_seed}) but the "
-                  f"model's own anchors, image parity_image({size[0]}), orig_target_sizes [{orig_size}]",
+                  f"model's own anchors, image {image_desc}, orig_target_sizes [{orig_size}]",
+        "input_normalized": _dinov3(cfg),
         "seed": used_seed, "input_size": size, "orig_target_sizes": [orig_size], "selection_gap": gap, "min_gap": MIN_GAP,
         "produced": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                      "date": datetime.date.today().isoformat(), "command": f"python tools/official_deimv2.py --record {variant}"},

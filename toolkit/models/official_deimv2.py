@@ -7,13 +7,15 @@ LiteEncoder (Atto, Femto, Pico) or D-FINE's hybrid encoder; its backbone HGNetV2
 spatial tuning adapter (S..X). :data:`RULES` renames every official tensor onto transformers (same engine and
 :class:`~toolkit.models.official.LoadReport` as :mod:`toolkit.models.official_dfine`), shape-checked.
 
-One structural difference: transformers' ``Deimv2Model`` (5.x up to at least 5.25) passes the encoder memory
-through ``enc_output`` (Linear + LayerNorm) before the query selection, which the official ``DEIMTransformer``
-does not have (it scores the memory itself, and takes the selected memory as the decoder's content). An official
-checkpoint has no tensors for it, so :func:`official_structure` replaces it by an identity: the model then
-computes the official function (pinned by ``tests/test_official_deimv2.py`` against outputs recorded from the
-official code). The config is inferred by fitting the checkpoint to each named DEIMv2 config: exactly one
-complete fit, or a refusal that says the weights cannot decide.
+transformers' ``Deimv2Model`` (5.x up to at least 5.25) differs structurally from the official code: it passes the
+encoder memory through ``enc_output`` (Linear + LayerNorm) before the query selection, which the official
+``DEIMTransformer`` does not have (it scores the memory itself, and takes the selected memory as the decoder's
+content), uses ReLU in box heads the official configs give SiLU, and recomputes the query position embedding per
+decoder layer; its DINOv3 backbone differs from the official ViT-Tiny (S, M) and DINOv3 ViT (L, X) as
+:func:`_official_dinov3` says. :func:`official_structure` gives the model the official form, so that it computes
+the official function (pinned by ``tests/test_official_deimv2.py`` against outputs recorded from the official
+code). The config is inferred by fitting the checkpoint to each named DEIMv2 config: exactly one complete fit, or a
+refusal that says the weights cannot decide.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .contract import DeployModel
 from .official import LoadReport
 from .official_dfine import compile_rules, infer_named_config, load_official_family, plan_load as _plan_load, read_official_state
@@ -41,11 +43,32 @@ _ENC_LAYER = {"linear1": "mlp.layers.0", "linear2": "mlp.layers.1", "norm1": "se
               "self_attn.out_proj": "self_attn.o_proj"}
 _SEQ = {"1": "conv", "2": "norm"}
 _HEAD = r"(?P<csp>cv1|cv2\.0|cv2\.1|cv3\.0|cv3\.1|cv4)"
+_VIT = r"backbone\.dinov3\.(?:_model\.)?"
+_VIT_TOKENS = {"cls_token": "cls_token", "storage_tokens": "register_tokens"}
+_VIT_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "ls1.gamma": "layer_scale1.lambda1",
+              "ls2.gamma": "layer_scale2.lambda1", "mlp.fc1": "mlp.up_proj", "mlp.fc2": "mlp.down_proj",
+              "mlp.w1": "mlp.gate_proj", "mlp.w2": "mlp.up_proj", "mlp.w3": "mlp.down_proj"}
 
 # (official key regex, transformers key templates, renaming tables); the first full match wins. ``{qkv}`` / ``{gu}``
 # split a fused tensor along dim 0 (attention in_proj; SwiGLU w12 = [gate; up]); a head tensor fills both the
 # decoder's and the top-level (tied) name.
 RULES: tuple[tuple[str, tuple[str, ...], dict[str, dict[str, str]]], ...] = (
+    # DINOv3 backbone (S..X): the official ViT-Tiny (S, M) nests its modules under ``_model``, the official DINOv3
+    # ViT (L, X) does not; both land on transformers' DINOv3ViTBackbone
+    (rf"{_VIT}(?P<t>cls_token|storage_tokens)", ("model.conv_encoder.backbone.embeddings.{t}",), {"t": _VIT_TOKENS}),
+    (rf"{_VIT}patch_embed\.proj\.(?P<p>weight|bias)", ("model.conv_encoder.backbone.embeddings.patch_embeddings.{p}",), {}),
+    (rf"{_VIT}blocks\.(?P<l>\d+)\.attn\.qkv\.(?P<p>weight|bias)", ("model.conv_encoder.backbone.model.layer.{l}.attention.{qkv}_proj.{p}",), {}),
+    (rf"{_VIT}blocks\.(?P<l>\d+)\.(?P<sub>norm1|norm2|attn\.proj|ls1\.gamma|ls2\.gamma|mlp\.fc1|mlp\.fc2|mlp\.w1|mlp\.w2|mlp\.w3)"
+     r"(?P<p>\.weight|\.bias|)", ("model.conv_encoder.backbone.model.layer.{l}.{sub}{p}",), {"sub": _VIT_BLOCK}),
+    (rf"{_VIT}norm\.(?P<p>weight|bias)", ("model.conv_encoder.backbone.norm.{p}",), {}),
+    # the spatial tuning adapter (STA) and the fusion of its maps with the ViT's
+    # (official Sequentials: stem and conv2 are [conv, BN, ...], conv3 and conv4 [GELU, conv, BN])
+    (r"backbone\.sta\.(?P<m>stem|conv2)\.(?P<i>[01])\.(?P<p>\w+)", ("model.conv_encoder.spatial_tuning_adapter.{m}.{i}.{p}",),
+     {"m": {"stem": "stem_conv", "conv2": "conv2"}, "i": {"0": "conv", "1": "norm"}}),
+    (r"backbone\.sta\.(?P<m>conv3|conv4)\.(?P<i>[12])\.(?P<p>\w+)", ("model.conv_encoder.spatial_tuning_adapter.{m}.{i}.{p}",),
+     {"i": {"1": "conv", "2": "norm"}}),
+    (r"backbone\.convs\.(?P<j>\d+)\.weight", ("model.conv_encoder.fusion_proj.{j}.conv.weight",), {}),
+    (r"backbone\.norms\.(?P<j>\d+)\.(?P<p>\w+)", ("model.conv_encoder.fusion_proj.{j}.norm.{p}",), {}),
     # HGNetV2 backbone
     (r"backbone\.stem\.(?P<s>stem\w+)\.(?P<m>conv|bn|lab)\.(?P<p>\w+)", ("model.conv_encoder.model.embedder.{s}.{m}.{p}",),
      {"m": _BACKBONE_MOD}),
@@ -83,7 +106,11 @@ _COMPILED = compile_rules(RULES)
 
 # By design not loaded: anchors (transformers computes them for the input size), the decoder's duplicate copies
 # of ``up`` / ``reg_scale`` (its decoder holds them), and BatchNorm step counters where transformers has none.
-IGNORED = (re.compile(r".*\.num_batches_tracked"), re.compile(r"decoder\.(anchors|valid_mask|up|reg_scale)"))
+# DINOv3 backbones: the RoPE periods (transformers computes them from ``rope_theta``; the loader checks they are
+# those), the masked-pretraining ``mask_token`` (unused by detection; checked finite, as the official model adds
+# 0 * mask_token to the class token) and the key-bias mask (folded into the qkv bias: :func:`_fold_bias_mask`).
+IGNORED = (re.compile(r".*\.num_batches_tracked"), re.compile(r"decoder\.(anchors|valid_mask|up|reg_scale)"),
+           re.compile(rf"{_VIT}(rope_embed\.periods|mask_token|blocks\.\d+\.attn\.qkv\.bias_mask)"))
 
 
 def deimv2_key(key: str) -> list[str] | None:
@@ -110,7 +137,8 @@ def official_structure(model: nn.Module) -> nn.Module:
       ``decoder_activation_function`` / ``activation_function``, which its ``query_pos_head`` already uses);
     * the query position embedding is computed once, from the selected queries' boxes, and reused by every decoder
       layer, as the official decoder does (transformers recomputes it per layer from the refined boxes, D-FINE's way):
-      :func:`_first_query_pos`.
+      :func:`_first_query_pos`;
+    * a DINOv3 backbone (S..X) takes the official backbone's form: :func:`_official_dinov3`.
     """
     from transformers.activations import ACT2CLS
 
@@ -129,7 +157,49 @@ def official_structure(model: nn.Module) -> nn.Module:
     decoder = getattr(inner, "decoder", None)
     if decoder is not None and hasattr(decoder, "query_pos_head") and "forward" not in decoder.__dict__:
         _first_query_pos(decoder)
+    backbone = getattr(getattr(inner, "conv_encoder", None), "backbone", None)
+    if type(backbone).__name__ == "DINOv3ViTBackbone":
+        _official_dinov3(backbone)
     return model
+
+
+def _official_dinov3(backbone: nn.Module) -> None:
+    """transformers' ``DINOv3ViTBackbone`` in the form of the official DEIMv2 backbone, in place.
+
+    Both official backbones: ``mask_token`` (masked pretraining only) leaves the state dict; a SwiGLU FFN (X) uses
+    SiLU, as the official ``SwiGLUFFN`` (transformers' gated MLP takes ``hidden_act``, GELU by default). The official
+    ViT-Tiny (S, M; ``apply_layernorm`` False in transformers' config) also differs from transformers' DINOv3 ViT:
+    no norm on any feature map (transformers norms the last stage whatever ``apply_layernorm`` says), no layer
+    scale, no register tokens, LayerNorm eps 1e-6, and a key bias (its qkv Linear has one bias for q, k and v).
+    """
+    config = backbone.config
+    emb = backbone.embeddings
+    _unregister(emb, "mask_token")
+    if config.use_gated_mlp:
+        for layer in backbone.model.layer:
+            layer.mlp.act_fn = nn.SiLU()
+    if config.apply_layernorm:
+        return
+    if config.num_register_tokens or config.use_gated_mlp:
+        raise ConfigError("a DINOv3 DEIMv2 config without apply_layernorm is the official ViT-Tiny backbone, which has no "
+                          "register tokens and no gated MLP: this config matches no official DEIMv2 backbone")
+    _unregister(emb, "register_tokens")
+    backbone.norm = nn.Identity()
+    for layer in backbone.model.layer:
+        layer.layer_scale1 = nn.Identity()
+        layer.layer_scale2 = nn.Identity()
+        layer.norm1.eps = layer.norm2.eps = 1e-6
+        k_proj = layer.attention.k_proj
+        if k_proj.bias is None:
+            k_proj.bias = nn.Parameter(torch.zeros(k_proj.out_features, dtype=k_proj.weight.dtype, device=k_proj.weight.device))
+
+
+def _unregister(module: nn.Module, name: str) -> None:
+    """``module.<name>`` from a parameter to a non-persistent buffer (same value; out of the state dict)."""
+    value = getattr(module, name)
+    if isinstance(value, nn.Parameter):
+        delattr(module, name)
+        module.register_buffer(name, value.detach().clone(), persistent=False)
 
 
 def _first_query_pos(decoder: nn.Module) -> None:
@@ -161,10 +231,41 @@ def plan_load(model: nn.Module, state: Mapping[str, torch.Tensor], config: str =
     """Remap an official DEIMv2 state dict onto ``model`` (transformers, :func:`official_structure` applied) and
     check every name and shape; loads nothing. Each official tensor must fill one of its candidate names."""
     target = model.state_dict(keep_vars=True)
+    state = _fold_bias_mask(state)
+    _check_dinov3_values(model, state)
     # a key with several candidates (the encoder's input_proj) fills the one the model has
     fits, report = _plan_load(model, state, config, compiled=_COMPILED, ignored=IGNORED)
     report.unexpected = sorted(k for k in report.unexpected if not _fills_one(k, target))
     return fits, report
+
+
+def _fold_bias_mask(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The official DINOv3 ViT (L, X) computes its qkv Linear with ``bias * bias_mask`` (the mask zeroes the key bias
+    in DINOv3's pretrained weights): the state with each such bias replaced by that product (the mask stays, ignored)."""
+    masks = {k.removesuffix("_mask"): v for k, v in state.items() if k.startswith("backbone.dinov3.") and k.endswith(".attn.qkv.bias_mask")}
+    if not masks:
+        return state
+    for key, mask in masks.items():
+        if not mask.is_meta and not torch.isfinite(mask).all():
+            raise CheckpointError(f"{key}_mask is not finite (the official code leaves it NaN unless pretrained DINOv3 weights "
+                                  "were loaded): the official model computes NaN with it")
+    return {k: v * masks[k].to(v.dtype) if k in masks and v.shape == masks[k].shape else v for k, v in state.items()}
+
+
+def _check_dinov3_values(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """The DINOv3 tensors the loader does not load but computes from the config must be what the config says: the
+    RoPE periods (1 / inv_freq of ``rope_theta``) and a finite ``mask_token``. Skipped on meta tensors."""
+    rope = next((m for m in model.modules() if type(m).__name__ == "DINOv3ViTRopePositionEmbedding"), None)
+    for key, value in state.items():
+        if not key.startswith("backbone.dinov3.") or value.is_meta:
+            continue
+        if key.endswith("rope_embed.periods") and rope is not None and not rope.inv_freq.is_meta:
+            want = 1.0 / rope.inv_freq.double()
+            if value.shape != want.shape or not torch.allclose(value.double(), want, rtol=1e-5, atol=0):
+                raise CheckpointError(f"{key}: RoPE periods other than those of rope_theta={rope.base} (head dim {rope.head_dim}), "
+                                      "which the model computes its position embedding with")
+        elif key.endswith("mask_token") and not torch.isfinite(value).all():
+            raise CheckpointError(f"{key} is not finite: the official model adds 0 * mask_token to the class token (NaN)")
 
 
 def _fills_one(key: str, target: Mapping[str, torch.Tensor]) -> bool:
@@ -187,8 +288,10 @@ def load_deimv2_checkpoint(path: str | Path | Mapping[str, torch.Tensor], config
     state, where = read_official_state(path, name)
     if not looks_deimv2(state):
         raise CheckpointError(f"{where}: not an official DEIMv2 checkpoint (no decoder.decoder.lqe_layers.* / *.swish_ffn.w12.* keys)")
-    if any(k.startswith("backbone.dinov3.") for k in state):
-        raise CheckpointError(f"{where}: an official DEIMv2 DINOv3 checkpoint (S/M/L/X); only the HGNetV2 ones (Atto, Femto, Pico, N) "
-                              "are remapped: convert it to a Hugging Face directory with transformers' DEIMv2 converter and load that")
-    return load_official_family(state, where, config, allow_partial, family="DEIMv2", model_type="deimv2", prefix="deimv2_",
-                                infer=infer_config, plan=plan_load, prepare=official_structure)
+    try:
+        return load_official_family(state, where, config, allow_partial, family="DEIMv2", model_type="deimv2", prefix="deimv2_",
+                                    infer=infer_config, plan=plan_load, prepare=official_structure)
+    except CheckpointError as e:  # the value checks of plan_load name the tensor, not the file
+        if str(e).startswith(f"{where}: "):
+            raise
+        raise CheckpointError(f"{where}: {e}") from None
