@@ -314,32 +314,62 @@ def test_serve_cli_answers_in_flight_requests_on_sigterm(shapes_onnx, tmp_path):
             proc.wait(30)
 
 
-@pytest.mark.slow
-def test_numpy2_stub_trap_is_refused_and_detected(shapes_onnx, tmp_path, monkeypatch):
-    """A stub whose numpy is >= 2: the model refuses to load; forced to load, its empty answers are an EngineError."""
+def _numpy2_directory(tmp_path: Path) -> Path | None:
+    """A directory holding only a numpy >= 2 for this Python: one on sys.path, in the base interpreter's site-packages
+    (a virtual environment's parent often has one), or RTDETR_DEPLOY_TEST_NUMPY2; None if there is none."""
+    import sysconfig
+
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = [*(p for p in sys.path if p), os.environ.get("RTDETR_DEPLOY_TEST_NUMPY2", ""),
+                  sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_prefix}),
+                  str(Path(sys.base_prefix) / "lib" / version / "site-packages")]
+    found = next((Path(p) for p in candidates if p and _numpy_version_at(p) >= 2), None)
+    if found is None:
+        return None
+    only = tmp_path / "numpy2"
+    only.mkdir()
+    for name in ("numpy", "numpy.libs"):  # the package and its bundled libraries, nothing else of that environment
+        if (found / name).exists():
+            os.symlink(found / name, only / name)
+    return only
+
+
+def test_a_numpy2_stub_serves_the_local_engines_outputs(shapes_onnx, tmp_path):
+    """numpy >= 2 in Triton's python stub: a model answering through numpy gets empty contents back (the trap), the
+    toolkit's model passes tensors by DLPack and answers the local engine's outputs, bit for bit."""
     from toolkit.serve.repository import export_triton
     from toolkit.serve.server import Ports, free_port, start_tritonserver
 
-    path = [p for p in sys.path if p and (_numpy_version_at(p) == -1 or _numpy_version_at(p) >= 2)]  # numpy < 2 left out
-    if not any(_numpy_version_at(p) >= 2 for p in path):
-        pytest.skip("no numpy >= 2 installed anywhere on sys.path")
-    repo = export_triton(shapes_onnx["int64"], tmp_path, backend="python", name="trap")
-    with pytest.raises(EngineError, match="numpy 2.* empty outputs"):
-        server = start_tritonserver(repo.root, "trap", ports=Ports(free_port(), free_port(), free_port()), python_path=path)
-        try:
-            server.wait_ready(READY_S)
-        finally:
-            server.stop()
-    monkeypatch.setenv("RTDETR_DEPLOY_ALLOW_NUMPY2", "1")
-    server = start_tritonserver(repo.root, "trap", ports=Ports(free_port(), free_port(), free_port()), python_path=path)
+    numpy2 = _numpy2_directory(tmp_path)
+    if numpy2 is None:
+        pytest.skip("no numpy >= 2 for this Python (set RTDETR_DEPLOY_TEST_NUMPY2 to a directory holding one)")
+    path = [str(numpy2), *(p for p in sys.path if p and _numpy_version_at(p) < 2)]  # numpy 2 first: the stub imports it
+    repo = export_triton(shapes_onnx["int64"], tmp_path / "repo", backend="python", name="np2")
+    server = start_tritonserver(repo.root, "np2", ports=Ports(free_port(), free_port(), free_port()), python_path=path)
     try:
         server.wait_ready(READY_S)
-        engine = toolkit.load(server.grpc_url)
-        with pytest.raises(EngineError, match="0 bytes instead of"):
-            engine.infer(_feeds(1))
+        feeds = _feeds(2, seed=5)
+        out = toolkit.load(server.grpc_url).infer(feeds)
+        want = toolkit.load(shapes_onnx["int64"], device="cpu").infer(feeds)
+        assert set(out) == set(want)
+        for name in want:
+            assert out[name].dtype == want[name].dtype and torch.equal(out[name], want[name]), name
     finally:
         server.stop()
     assert not _alive(server.pid)
+    # the same repository answering through numpy instead: empty contents, so the stub above really ran numpy 2
+    trap = export_triton(shapes_onnx["int64"], tmp_path / "trap", backend="python", name="np2trap")
+    model_py = trap.root / "np2trap" / "1" / "model.py"
+    dlpack = "pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(part))"
+    assert dlpack in model_py.read_text()
+    model_py.write_text(model_py.read_text().replace(dlpack, "pb_utils.Tensor(name, part.numpy())"))
+    server = start_tritonserver(trap.root, "np2trap", ports=Ports(free_port(), free_port(), free_port()), python_path=path)
+    try:
+        server.wait_ready(READY_S)
+        with pytest.raises(EngineError, match="0 bytes instead of"):
+            toolkit.load(server.grpc_url).infer(feeds)
+    finally:
+        server.stop()
 
 
 def _numpy_version_at(entry: str) -> int:

@@ -3,7 +3,7 @@
 May import: every stage package (it sits after :mod:`toolkit.tasks`) and the top-level helpers. ``serve`` writes a
 python-backend model repository and runs Triton's own ``tritonserver`` on it; ``export_triton`` writes
 repositories for users' servers (onnxruntime, tensorrt, python); remote engines (``toolkit.load("grpc://...")``)
-live in :mod:`toolkit.runtime.backends.triton`. Needs the ``serve`` extra (nvidia-pytriton, tritonclient, numpy<2).
+live in :mod:`toolkit.runtime.backends.triton`. Needs the ``serve`` extra (nvidia-pytriton, tritonclient).
 
 The package is callable, so ``toolkit.serve(model, ...)`` is :func:`toolkit.serve.serve.serve` whether or not the
 package has been imported already (a package attribute named like the package would be shadowed by it).

@@ -82,8 +82,8 @@ def stub_environment(work: Path, python_path: Sequence[str]) -> Path:
     """A minimal virtual environment whose ``python3`` sees exactly ``python_path`` (in order).
 
     Triton's python stub ignores PYTHONPATH: it takes its ``sys.path`` from the ``python3`` on PATH. Pointing
-    PATH at this environment gives the stub the serving process's own packages (the toolkit, torch, and the
-    numpy < 2 it needs) whatever environment the server was started from.
+    PATH at this environment gives the stub the serving process's own packages (the toolkit, torch) whatever
+    environment the server was started from.
     """
     env = work / "stub-python"
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"

@@ -7,18 +7,17 @@ re-checked by the toolkit's binder (``cast="none"``: the server already refused 
 declare, and nothing converts silently on this side), so a raw client cannot get a result for a tensor the
 engine would misread. Outputs are checked for shape before they are answered.
 
-numpy >= 2 in the stub's environment makes the python backend answer with *empty* output contents and no
-error: the model refuses to initialize there, with the fix in the message.
+Tensors cross the stub by DLPack (``Tensor.to_dlpack`` / ``Tensor.from_dlpack``), never through numpy: the stub's
+numpy path answers with *empty* output contents and no error when numpy >= 2 is in its environment (nvidia-pytriton
+0.7's stub), while DLPack carries the same bytes whatever numpy is installed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's python backend
 
 
@@ -28,10 +27,6 @@ def _parameters(config: dict[str, Any]) -> dict[str, str]:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        if int(np.__version__.split(".")[0]) >= 2 and os.environ.get("RTDETR_DEPLOY_ALLOW_NUMPY2") != "1":
-            raise pb_utils.TritonModelException(
-                f"numpy {np.__version__} ({Path(np.__file__).parent}) in Triton's python stub answers every request with empty outputs; "
-                "serve with numpy<2 in the stub's environment (pip install 'rtdetr-deploy[serve]' pins it)")
         import torch
 
         import toolkit
@@ -71,7 +66,7 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is None:
                         raise ToolkitError(f"missing input {name}")
-                    one[name] = self.torch.from_numpy(np.ascontiguousarray(tensor.as_numpy()))
+                    one[name] = self.torch.from_dlpack(tensor.to_dlpack())
                 self.engine.binder.bind(one)  # the same checks as the client's: dtype, rank, fixed dims, values
                 feeds.append((i, one))
                 sizes.append(int(one[self.inputs[0]].shape[0]))
@@ -85,10 +80,10 @@ class TritonPythonModel:
                 for (i, _), n in zip(feeds, sizes):
                     tensors = []
                     for name in self.outputs:
-                        part = out[name][offset:offset + n].detach().cpu().contiguous().numpy()
-                        if part.shape[:1] != (n,) or part.size == 0:
+                        part = out[name][offset:offset + n].detach().cpu().contiguous()
+                        if tuple(part.shape[:1]) != (n,) or part.numel() == 0:
                             raise RuntimeError(f"output {name} has shape {list(part.shape)} for a batch of {n}")
-                        tensors.append(pb_utils.Tensor(name, part))
+                        tensors.append(pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(part)))
                     answers[i] = pb_utils.InferenceResponse(output_tensors=tensors)
                     offset += n
             except Exception as e:  # the engine failed: every request of this batch gets the error, none a result

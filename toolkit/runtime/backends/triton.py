@@ -7,8 +7,9 @@ sent: an int64 ``orig_target_sizes`` for a TYPE_INT32 model is narrowed after it
 refused, exactly as for a local engine.
 
 Responses are never trusted: each output must be present, of the declared datatype, of the shape the
-inputs imply, and carry exactly ``numel * itemsize`` bytes. A python-backend stub running numpy >= 2 answers
-with shapes but *empty* contents and no error; that is an :class:`~toolkit.errors.EngineError` here.
+inputs imply, and carry exactly ``numel * itemsize`` bytes. A python-backend model that answers through numpy
+in a stub with numpy >= 2 sends shapes but *empty* contents and no error (the toolkit's own model passes tensors by
+DLPack and is immune); that is an :class:`~toolkit.errors.EngineError` here.
 
 Devices: inputs may be on any device (they leave through host memory); outputs come back on the engine's
 ``device`` (``load(url, device="cuda")``).
@@ -257,7 +258,8 @@ def check_response(result: Any, signature: Signature, dims: dict[str, int], url:
         got = len(raw[spec.name][1]) if raw is not None else int(meta.get("parameters", {}).get("binary_data_size", -1))
         if got != expected:
             raise EngineError(f"{url}: output {spec.name} {list(shape)} came back with {got} bytes instead of {expected} "
-                              "(empty contents: a python-backend stub with numpy >= 2 does this; serve with numpy < 2)")
+                              "(empty contents: a python-backend model answering through numpy in a stub with numpy >= 2 does this; "
+                              "pass outputs by DLPack, pb_utils.Tensor.from_dlpack, as rtdetr-deploy serve does)")
         array = result.as_numpy(spec.name)
         if array is None or tuple(array.shape) != shape:
             raise EngineError(f"{url}: output {spec.name} could not be decoded as {list(shape)}")
