@@ -272,5 +272,20 @@ def test_gpu_fp16_onnx_on_cuda_matches_torch_fp16(name, tmp_path):
     export_onnx(model, path, precision="fp16")
     engine = toolkit.load(path, device="cuda")
     assert engine.device.type == "cuda"
-    report = toolkit.compare(toolkit.load(model, backend="torch", device="cuda"), engine)
-    assert report.ok and report.verdict == "agree", report.summary()
+    eager = toolkit.load(model, backend="torch", device="cuda")
+    report = toolkit.compare(eager, engine)
+    assert report.ok and report.verdict == "agree", report.summary() + _fp16_spread_on_cuda(model, eager, engine)
+
+
+def _fp16_spread_on_cuda(model, eager, engine) -> str:
+    """For a failure message: what eager torch with half weights on the same GPU gives against fp32 and against the
+    file, which tells fp16's own spread on these weights from a deployment that computes something else."""
+    import copy
+
+    from toolkit.models.contract import ReducedPrecision
+    from toolkit.runtime.backends.torch import TorchEngine
+
+    half = TorchEngine(copy.deepcopy(model), torch.device("cuda"))
+    half.model = ReducedPrecision(copy.deepcopy(model), torch.float16).cuda().eval()
+    return ("\neager fp16 (half weights, CUDA) vs eager fp32: " + toolkit.compare(eager, half).summary().splitlines()[0]
+            + "\nthe fp16 file vs eager fp16: " + toolkit.compare(half, engine).summary().splitlines()[0])
