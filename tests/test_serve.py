@@ -328,10 +328,8 @@ def _numpy2_directory(tmp_path: Path) -> Path | None:
     (a virtual environment's parent often has one), or RTDETR_DEPLOY_TEST_NUMPY2; None if there is none."""
     import sysconfig
 
-    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     candidates = [*(p for p in sys.path if p), os.environ.get("RTDETR_DEPLOY_TEST_NUMPY2", ""),
-                  sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_prefix}),
-                  str(Path(sys.base_prefix) / "lib" / version / "site-packages")]
+                  sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_prefix})]
     found = next((Path(p) for p in candidates if p and _numpy_version_at(p) >= 2), None)
     if found is None:
         return None
