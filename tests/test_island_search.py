@@ -140,3 +140,26 @@ def test_int8_accuracy_islands_find_a_planted_activation_outlier(tmp_path):
     assert {g.name: g.passed for g in report.gates}["compare"] is True, report.table()
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "fixed.int8.onnx")).metadata_props}
     assert conv in json.loads(meta["int8_islands"])
+
+
+def test_island_search_device_is_checked_before_any_work(tmp_path):
+    """``auto`` falls back to the CPU emulation where ONNX Runtime CUDA is missing; asking for ``cuda`` there, or
+    for a device that does not exist, is one clear error, and the CLI says it before exporting anything."""
+    from tests.conftest import run_cli
+    from toolkit.checks.island_search import resolve_search_device
+    from toolkit.errors import InputError
+    from toolkit.runtime.backends.onnxruntime import cuda_available
+
+    with pytest.raises(InputError, match="expected auto, cpu or cuda"):
+        resolve_search_device("gpu")
+    assert resolve_search_device("cpu") == "cpu"
+    if torch.cuda.is_available() and cuda_available():
+        assert resolve_search_device("auto") == "cuda"
+        return
+    assert resolve_search_device("auto") == "cpu"
+    with pytest.raises(InputError, match="CUDAExecutionProvider"):
+        resolve_search_device("cuda")
+    out = tmp_path / "h.onnx"
+    r = run_cli("export", "--config", "tiny", "--precision", "fp16", "--islands-device", "cuda", "-o", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "CUDAExecutionProvider" in r.stderr, r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []

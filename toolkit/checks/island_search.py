@@ -139,10 +139,14 @@ def _shrink(lo: int, hi: int, ok: Callable[[int, int], bool]) -> tuple[int, int]
 
 def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Callable[[list[str]], Any], images: Any,
                thresholds: Any = None, *, agree: Callable[[Any], bool] | None = None, bisect_rtol: float = 5e-2,
-               max_evals: int = DEFAULT_MAX_EVALS, say: Callable[[str], None] | None = None) -> IslandSearch:
+               max_evals: int = DEFAULT_MAX_EVALS, say: Callable[[str], None] | None = None, device: str = "cpu",
+               bisect_candidate: Any = None) -> IslandSearch:
     """Compare ``candidate`` (an ONNX path) with ``reference`` (the fp32 ONNX path); when they disagree, search.
     ``build(nodes)`` writes the graph with ``nodes`` kept fp32 and returns its path. ``agree(report)`` turns a
-    :class:`~toolkit.checks.report.CompareReport` into a yes/no (default: verdict ``agree``)."""
+    :class:`~toolkit.checks.report.CompareReport` into a yes/no (default: verdict ``agree``). ``device``: where
+    ONNX Runtime runs the candidates (the reference always runs on the CPU, in fp32). ``bisect_candidate``: the
+    graph the first-divergence bisect (CPU) runs instead of ``candidate``, when the candidate only shows its
+    rounding on ``device``."""
     from ..runtime.engine import load
     from .bisect import bisect_onnx
     from .compare import compare
@@ -155,7 +159,7 @@ def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Call
     ref = load(reference, backend="onnxruntime", device="cpu")
 
     def judge(path: Any) -> tuple[bool, str]:
-        engine = load(path, backend="onnxruntime", device="cpu")
+        engine = load(path, backend="onnxruntime", device=device)
         try:
             rep = compare(ref, engine, images, thresholds=thresholds)
         finally:
@@ -166,7 +170,7 @@ def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Call
     if ok:
         return IslandSearch(False, [], True, reason=f"compare agrees with fp32: {reason}", seconds=time.perf_counter() - t0)
     say(f"compare with fp32 disagrees ({reason}): searching for fp32 islands (at most {max_evals} evaluations)")
-    first = bisect_onnx(reference, candidate, images, rtol=bisect_rtol, atol=1e-2).first
+    first = bisect_onnx(reference, bisect_candidate or candidate, images, rtol=bisect_rtol, atol=1e-2).first
     start = first.node if first is not None else None
     if first is not None:
         say(f"  first diverging tensor: {first.tensor} (node {first.node}, {first.op})")
@@ -187,12 +191,36 @@ def fp16_candidates(model: Any, skip: Sequence[str] = ()) -> list[str]:
             and any(types.get(t) == TensorProto.FLOAT16 for t in (*n.input, *n.output) if t)]
 
 
+def resolve_search_device(device: str) -> str:
+    """``auto`` -> ``cuda`` where ONNX Runtime has its CUDA provider and torch sees a GPU, else ``cpu``; ``cuda``
+    where that is missing is a :class:`~toolkit.errors.InputError` naming the fix."""
+    from ..errors import InputError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"island search device {device!r}: expected auto, cpu or cuda")
+    if device == "cpu":
+        return device
+    import torch
+
+    from ..runtime.backends.onnxruntime import cuda_available
+
+    have = torch.cuda.is_available() and cuda_available()
+    if device == "cuda" and not have:
+        raise InputError("island search on cuda needs a CUDA GPU and onnxruntime's CUDAExecutionProvider "
+                         "(pip install 'rtdetr-deploy[gpu]'), or use --islands-device cpu")
+    return "cuda" if have else "cpu"
+
+
 def repair_fp16(path: Any, *, max_evals: int = DEFAULT_MAX_EVALS, images: Any = None,
-                say: Callable[[str], None] | None = None) -> IslandSearch:
+                say: Callable[[str], None] | None = None, device: str = "auto") -> IslandSearch:
     """The compare-driven search on the fp16 ONNX file at ``path`` (its reference: the fp32 twin of the same graph,
-    :func:`toolkit.export.islands.fp32_twin`; the fp16 side: :func:`toolkit.export.islands.fp16_emulation`, because
-    ONNX Runtime CPU hides fp16 rounding); when islands are found the file is rewritten in place (atomically)
-    with them, listed in its ``fp16_accuracy_islands`` metadata entry."""
+    :func:`toolkit.export.islands.fp32_twin`); when islands are found the file is rewritten in place (atomically)
+    with them, listed in its ``fp16_accuracy_islands`` metadata entry.
+
+    The fp16 side: with ``device="cuda"`` the file itself on ONNX Runtime's CUDA provider, the kernels it will be
+    deployed on (cuDNN and cuBLAS round and reduce differently from any emulation); with ``"cpu"``
+    :func:`toolkit.export.islands.fp16_emulation` on the CPU, because ONNX Runtime CPU hides fp16 rounding (it runs
+    most fp16 nodes in fp32). ``"auto"``: CUDA where ONNX Runtime has its CUDA provider and torch sees a GPU."""
     import json
     import tempfile
     from pathlib import Path
@@ -203,6 +231,7 @@ def repair_fp16(path: Any, *, max_evals: int = DEFAULT_MAX_EVALS, images: Any = 
     from ..export.islands import apply_islands, fp16_emulation, fp32_twin
     from ..export.quantize import _copy_metadata, _save_sealed
 
+    device = resolve_search_device(device)
     path = Path(path)
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
@@ -214,19 +243,23 @@ def repair_fp16(path: Any, *, max_evals: int = DEFAULT_MAX_EVALS, images: Any = 
         _save_sealed(twin, twin_path)
         count = [0]
 
-        def build(nodes: list[str]) -> Path:
+        def build(nodes: list[str], emulate: bool = device == "cpu") -> Path:
             m = onnx.ModelProto()
             m.CopyFrom(model)
             apply_islands(m, nodes)
-            emulated = fp16_emulation(m)
-            _copy_metadata(model, emulated, {"precision": "fp32"})
+            if emulate:
+                m = fp16_emulation(m)
+                _copy_metadata(model, m, {"precision": "fp32"})
             count[0] += 1
             out = Path(tmp) / f"candidate_{count[0]}.onnx"
-            _save_sealed(emulated, out)
+            _save_sealed(m, out)
             return out
 
+        if say is not None and device == "cuda":
+            say("fp16 accuracy check on ONNX Runtime CUDA (the kernels this file will run on)")
         result = run_search(twin_path, build([]), fp16_candidates(model, done), build, images, max_evals=max_evals,
-                            bisect_rtol=1e-2, say=say)
+                            bisect_rtol=1e-2, say=say, device=device,
+                            bisect_candidate=build([], emulate=True) if device == "cuda" else None)
         if result.needed and result.agrees:
             fixed = onnx.ModelProto()
             fixed.CopyFrom(model)

@@ -30,18 +30,25 @@ def export(
     auto_islands: bool = typer.Option(True, "--auto-islands/--no-auto-islands",
                                       help="fp16: keep in fp32 the nodes that overflow, then (when the detection compare with fp32 "
                                            "still disagrees) the smallest node group found by a bounded search."),
+    islands_device: str = typer.Option("auto", "--islands-device",
+                                       help="Where the fp16 accuracy search runs the file: cuda (ONNX Runtime CUDA, the "
+                                            "kernels it will run on), cpu (fp16 emulation), or auto (cuda when available)."),
 ) -> None:
     """Export a model behind the deploy contract to a verified ONNX file; exit 2 (nothing written) when verify finds a
     difference or NaN/Inf, 3 (file written) when it could not judge (tied query selection)."""
     from ..export.onnx import export_onnx
 
+    if auto_islands and precision != "fp32":  # a bad --islands-device fails before any work
+        from ..checks.island_search import resolve_search_device
+
+        islands_device = resolve_search_device(islands_device)
     result = export_onnx(checkpoint, output, config=config, opset=opset, dynamic_batch=dynamic_batch, size=_size(size),
                          sizes_dtype=sizes_dtype, simplify=simplify, verify=verify, precision=precision,
                          progress=True, fold=fold, auto_islands=auto_islands)
     if auto_islands and precision != "fp32":
         from ..checks.island_search import repair_fp16
 
-        search = repair_fp16(result.path, say=lambda line: console.print(line, highlight=False))
+        search = repair_fp16(result.path, say=lambda line: console.print(line, highlight=False), device=islands_device)
         result.lints.append(search.summary("fp16"))
     if result.fold is not None:
         console.print(result.fold.summary(), highlight=False)
