@@ -225,12 +225,34 @@ def test_torch_export_dynamic_batch(mini_models, name):
 FP16_SEEDS = {"rfdetr_mini": 3, "lwdetr_mini": 6}  # make_tie_free_ seeds with order and boundary gaps >= 0.017 (fp16 and fp32)
 
 
-def _four_query_model(name: str):
+def _four_query_model(name: str, seed: int | None = None):
     import dataclasses
 
     cfg = load_config(name)
     cfg = dataclasses.replace(cfg, hf_config={**cfg.hf_config, "num_queries": 4}, top_k=4 * len(cfg.class_names))
-    return make_tie_free_(build_model(cfg, seed=0), seed=FP16_SEEDS[name], std=NOISE)
+    return make_tie_free_(build_model(cfg, seed=0), seed=FP16_SEEDS[name] if seed is None else seed, std=NOISE)
+
+
+def _tie_free_fp16_export(name: str, path, tries: int = 4):
+    """The four-query model and its verified fp16 file, on weights whose selection is tie-free in order on THIS
+    machine. The base weights come from transformers' initialisation, which changes between transformers versions
+    (FP16_SEEDS were measured with this project's pinned test environment), so the gaps are measured here, by
+    verify, and the next seed is taken when they are too close; the seeds tried are reported."""
+    from toolkit.export.onnx import export_onnx
+    from toolkit.export.verify import TOLERANCES
+
+    need = 3 * TOLERANCES["fp16"][1]
+    seen = []
+    for seed in range(FP16_SEEDS[name], FP16_SEEDS[name] + tries):
+        model = _four_query_model(name, seed)
+        result = export_onnx(model, path, precision="fp16")
+        gaps = [min(c.order_gap, c.boundary_gap) for c in result.verify.checks
+                if c.order_gap is not None and c.boundary_gap is not None]
+        gap = min(gaps) if len(gaps) == len(result.verify.checks) and gaps else float("nan")
+        seen.append(f"seed {seed}: {result.verify.verdict}, smallest selection gap {gap:.3g}")
+        if result.verify.verdict == "agree" and gap >= need:
+            return model, result, seen
+    pytest.fail(f"no tie-free weights for {name} within {tries} seeds (gap >= {need:g} needed): {'; '.join(seen)}")
 
 
 @pytest.mark.parametrize("name", MINI)
@@ -270,19 +292,17 @@ def test_gpu_fp16_onnx_on_cuda_matches_torch_fp16(name, tmp_path):
     search runs the file on ONNX Runtime CUDA (ORT CPU's fp16 emulation agreed with fp32 on these weights while
     the CUDA kernels moved boxes by 1.9 and 5.2 px on an H100)."""
     from toolkit.checks.island_search import repair_fp16
-    from toolkit.export.onnx import export_onnx
 
-    model = _four_query_model(name)
     path = tmp_path / "h.onnx"
-    export_onnx(model, path, precision="fp16")
+    model, _, seeds = _tie_free_fp16_export(name, path)
     search = repair_fp16(path, device="cuda")
     engine = toolkit.load(path, device="cuda")
     assert engine.device.type == "cuda"
     eager = toolkit.load(model, backend="torch", device="cuda")
     report = toolkit.compare(eager, engine)
-    assert report.ok and report.verdict == "agree", (search.summary() + "\n" + report.summary()
+    assert report.ok and report.verdict == "agree", ("; ".join(seeds) + "\n" + search.summary() + "\n" + report.summary()
                                                      + _fp16_spread_on_cuda(model, eager, engine))
-    print(f"{name}: {search.summary()}")
+    print(f"{name}: {'; '.join(seeds)}; {search.summary()}; {report.summary().splitlines()[0]}")
 
 
 def _fp16_spread_on_cuda(model, eager, engine) -> str:
