@@ -204,10 +204,18 @@ with atomic_path(sys.argv[1]) as tmp:
 """
 
 
-def _writer(target: Path) -> tuple[subprocess.Popen, Path]:
+def _writer(target: Path, ignore: tuple[int, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    """A process in the middle of an atomic write. Its signals start at their defaults, as under a terminal (a
+    test run started under nohup or in a background job would otherwise hand it SIGHUP/SIGINT ignored), except
+    ``ignore``."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def dispositions() -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN if s in ignore else signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=dispositions)
     tmp = Path(proc.stdout.readline().strip())
     assert tmp.is_file() and f".{target.name}.{proc.pid}." in tmp.name
     return proc, tmp
@@ -226,6 +234,19 @@ def test_signal_mid_write_removes_the_temporary_and_exits_128_plus_n(tmp_path, s
     else:
         assert proc.returncode == 128 + sig, err
         assert err.strip().splitlines() == [f"rtdetr-deploy: stopped by {signal.Signals(sig).name}; removed 1 unfinished file"]
+
+
+def test_an_ignored_signal_stays_ignored_during_a_write(tmp_path):
+    """Started under nohup (SIGHUP ignored), a write goes on through SIGHUP; SIGTERM still cleans up."""
+    target = tmp_path / "model.onnx"
+    proc, tmp = _writer(target, ignore=(signal.SIGHUP,))
+    proc.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)
+    assert tmp.exists()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and list(tmp_path.iterdir()) == []
 
 
 def test_sigkill_leftovers_are_removed_on_the_next_write(tmp_path):
