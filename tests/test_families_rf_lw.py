@@ -233,7 +233,7 @@ def _four_query_model(name: str, seed: int | None = None):
     return make_tie_free_(build_model(cfg, seed=0), seed=FP16_SEEDS[name] if seed is None else seed, std=NOISE)
 
 
-def _tie_free_fp16_export(name: str, path, tries: int = 4):
+def _tie_free_fp16_export(name: str, path, tries: int = 8):
     """The four-query model and its verified fp16 file, on weights whose selection is tie-free in order on THIS
     machine. The base weights come from transformers' initialisation, which changes between transformers versions
     (FP16_SEEDS were measured with this project's pinned test environment), so the gaps are measured here, by
@@ -241,7 +241,7 @@ def _tie_free_fp16_export(name: str, path, tries: int = 4):
     from toolkit.export.onnx import export_onnx
     from toolkit.export.verify import TOLERANCES
 
-    need = 3 * TOLERANCES["fp16"][1]
+    need = 2 * TOLERANCES["fp16"][1]
     seen = []
     for seed in range(FP16_SEEDS[name], FP16_SEEDS[name] + tries):
         model = _four_query_model(name, seed)

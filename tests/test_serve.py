@@ -404,6 +404,21 @@ def test_serve_on_gpus_one_instance_group_each(shapes_onnx):
     assert not _alive(server.pid)
 
 
+@pytest.mark.gpu
+def test_serve_a_torch_checkpoint_on_cuda():
+    """The trained fixture's checkpoint (a torch engine) served with ``device="cuda"``: Triton hands the python
+    backend its inputs on the host, and the model moves them to the engine's GPU (before, every request was
+    refused: "engine expects float32 [N,3,320,320] on cuda:0, got ... on cpu")."""
+    from toolkit.serve.server import free_port
+    from toolkit.tasks.demo import fixture_path
+
+    with toolkit.serve(str(fixture_path()), device="cuda", http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), block=False, ready_timeout_s=READY_S) as server:
+        report = toolkit.compare(toolkit.load(fixture_path(), device="cuda"), server.grpc_url)
+        assert report.ok and report.verdict == "agree" and sum(s.matched for s in report.images) > 0, report.summary()
+    assert not _alive(server.pid)
+
+
 # --- faults: the server dies under load ------------------------------------------------------------------------
 
 

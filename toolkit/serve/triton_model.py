@@ -9,7 +9,8 @@ engine would misread. Outputs are checked for shape before they are answered.
 
 Tensors cross the stub by DLPack (``Tensor.to_dlpack`` / ``Tensor.from_dlpack``), never through numpy: the stub's
 numpy path answers with *empty* output contents and no error when numpy >= 2 is in its environment (nvidia-pytriton
-0.7's stub), while DLPack carries the same bytes whatever numpy is installed.
+0.7's stub), while DLPack carries the same bytes whatever numpy is installed. Triton hands the inputs on the host;
+they are moved to the engine's device (a GPU instance's engine refuses host tensors, rightly, in the binder).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is None:
                         raise ToolkitError(f"missing input {name}")
-                    one[name] = self.torch.from_dlpack(tensor.to_dlpack())
+                    one[name] = self.torch.from_dlpack(tensor.to_dlpack()).to(self.engine.device)  # Triton hands CPU tensors
                 self.engine.binder.bind(one)  # the same checks as the client's: dtype, rank, fixed dims, values
                 feeds.append((i, one))
                 sizes.append(int(one[self.inputs[0]].shape[0]))
