@@ -163,3 +163,20 @@ def test_island_search_device_is_checked_before_any_work(tmp_path):
     r = run_cli("export", "--config", "tiny", "--precision", "fp16", "--islands-device", "cuda", "-o", str(out))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "CUDAExecutionProvider" in r.stderr, r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_random_weights_with_input_independent_scores_are_not_searched(tmp_path):
+    """Untrained weights whose scores do not depend on the input (transformers' initialisation): fp16 rounds the
+    tiny spread away and the compare's sentinel fires, but there is no detector output to repair. The search says
+    so at once, never "none needed" and never a budget spent on bisecting (for R50 that bisect ran a 24 GB machine
+    out of memory)."""
+    from toolkit.export.onnx import export_onnx
+    from toolkit.models.config import build_model, load_config
+
+    path = export_onnx(build_model(load_config("tiny"), seed=0), tmp_path / "t.onnx", precision="fp16", verify=False).path
+    before = path.read_bytes()
+    lines: list[str] = []
+    result = repair_fp16(path, say=lines.append, device="cpu")
+    assert not result.needed and not result.agrees and result.evaluations == 0, result.summary()
+    assert result.summary().startswith("fp16 accuracy islands: not searched (the weights are random"), result.summary()
+    assert not any("island search" in line for line in lines) and path.read_bytes() == before

@@ -41,6 +41,8 @@ class IslandSearch:
     reason: str = ""
 
     def summary(self, kind: str = "fp16") -> str:
+        if not self.needed and not self.agrees:
+            return f"{kind} accuracy islands: not searched ({self.reason})"
         if not self.needed:
             return f"{kind} accuracy islands: none needed ({self.reason})"
         if self.agrees:
@@ -158,17 +160,23 @@ def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Call
     t0 = time.perf_counter()
     ref = load(reference, backend="onnxruntime", device="cpu")
 
-    def judge(path: Any) -> tuple[bool, str]:
+    def judge(path: Any, first: list | None = None) -> tuple[bool, str]:
         engine = load(path, backend="onnxruntime", device=device)
         try:
             rep = compare(ref, engine, images, thresholds=thresholds)
         finally:
             getattr(engine, "close", lambda: None)()
+        if first is not None:
+            first.append(rep)
         return agree(rep), getattr(rep, "reason", "") or rep.verdict
 
-    ok, reason = judge(candidate)
+    seen: list = []
+    ok, reason = judge(candidate, seen)
     if ok:
         return IslandSearch(False, [], True, reason=f"compare agrees with fp32: {reason}", seconds=time.perf_counter() - t0)
+    vacuous = _cannot_judge(seen[0])
+    if vacuous:  # no verdict to repair: say so instead of spending the budget (a bisect of a large model costs GBs)
+        return IslandSearch(False, [], False, reason=vacuous, seconds=time.perf_counter() - t0)
     say(f"compare with fp32 disagrees ({reason}): searching for fp32 islands (at most {max_evals} evaluations)")
     first = bisect_onnx(reference, bisect_candidate or candidate, images, rtol=bisect_rtol, atol=1e-2).first
     start = first.node if first is not None else None
@@ -177,6 +185,23 @@ def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Call
     nodes, evals, why = search(order, start, lambda ns: judge(build(ns))[0], max_evals=max_evals, say=say)
     return IslandSearch(True, nodes or [], nodes is not None, start, evals, time.perf_counter() - t0,
                         why or ("" if nodes else "no agreeing set"))
+
+
+def _cannot_judge(report: Any) -> str:
+    """Why the first compare cannot start a search, or ''. An inconclusive compare has nothing to repair; a sentinel
+    on the fp32 reference means the reference itself is wrong; scores that do not depend on the input, on weights
+    generated at random, are untrained weights (their score spread lies below the reduced precision's resolution),
+    not a graph to repair."""
+    if report.verdict == "inconclusive":
+        return f"the compare with fp32 is inconclusive ({report.reason}): nothing to repair"
+    on_reference = [f for f in report.sentinels if f.backend == report.backend_a]
+    if on_reference:
+        return f"the fp32 reference itself fails a sentinel ({on_reference[0].message})"
+    random = report.random_weights.get("a") or report.random_weights.get("b")
+    if random and any(f.check == "scores_equal" for f in report.sentinels):
+        return (f"the weights are random ({random}) and the scores do not depend on the input: there is no detector "
+                "output to judge; search with trained weights")
+    return ""
 
 
 def fp16_candidates(model: Any, skip: Sequence[str] = ()) -> list[str]:
