@@ -152,6 +152,7 @@ def build_aoti(
     inductor_configs: dict[str, Any] | None = None,
     cache: bool = True,
     fold: bool = True,
+    fused_deform_attn: bool = False,
 ) -> Path:
     """Compile ``model`` to an AOTInductor package at ``output`` (``.pt2``) plus its sidecar; returns the path.
 
@@ -164,7 +165,9 @@ def build_aoti(
     built on). ``inductor_configs``: extra ``torch._inductor`` options for the compile (e.g.
     ``{"max_autotune": True}`` on CUDA), over :data:`CUDA_INDUCTOR_DEFAULTS` on CUDA; they cost build time
     only, never load time, and the sidecar records them. ``fold``: fold BatchNorm and precompute constants
-    first (see the module docstring).
+    first (see the module docstring). ``fused_deform_attn`` (CUDA only; also accepted as the option
+    ``fused_deform_attn=1`` among ``inductor_configs``, which is how ``bench --aoti-config`` passes it): the
+    multi-scale deformable attention as the fused Triton kernel of :mod:`toolkit.models.deform_kernel`.
     """
     output = check_output_path(output)
     if output.suffix != ".pt2":
@@ -172,7 +175,11 @@ def build_aoti(
     lo, opt, hi = _check_options(precision, batch, device)
     deploy = load_model(model, config=config).eval()
     inductor = {**(CUDA_INDUCTOR_DEFAULTS if device == "cuda" else {}), **(inductor_configs or {})}
-    cached = cache_dir() / f"aoti-{_cache_key(deploy, precision, (lo, opt, hi), device, {**inductor, '_fold': fold})}.pt2"
+    fused_deform_attn = bool(int(inductor.pop("fused_deform_attn", 0))) or fused_deform_attn  # a toolkit option
+    if fused_deform_attn and device != "cuda":
+        raise BuildError("--fused-deform-attn compiles a Triton kernel: it needs --device cuda")
+    key = {**inductor, "_fold": fold, **({"_fused_deform_attn": True} if fused_deform_attn else {})}
+    cached = cache_dir() / f"aoti-{_cache_key(deploy, precision, (lo, opt, hi), device, key)}.pt2"
     if cache and _from_cache(cached, output, source_record(model, config, deploy)):
         return output
     folded, fold_info = folded_body(deploy, fold)
@@ -187,12 +194,24 @@ def build_aoti(
         except Exception as e:
             raise BuildError(f"AOTInductor compile failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0]}") from None
 
-    _export_and_compile(body, (images, sizes), lo, hi, output, output.name,
-                        f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU", compile_to, progress)
+    fused = 0
+    with contextlib.ExitStack() as stack:
+        if fused_deform_attn:
+            from ..models.deform_kernel import fused_deformable_attention
+
+            fused = stack.enter_context(fused_deformable_attention(body))
+            if not fused:
+                raise BuildError("--fused-deform-attn: this model has no multi-scale deformable attention module to fuse "
+                                 "(D-FINE and DEIMv2 sample with their own formula)")
+        _export_and_compile(body, (images, sizes), lo, hi, output, output.name,
+                            f"compiling with AOTInductor for {device} ({precision}); this takes minutes on CPU", compile_to,
+                            progress)
 
     info = _sidecar_info(deploy, "aoti", device, precision, (lo, opt, hi), source_record(model, config, deploy))
     info["inductor_configs"] = inductor
     info["fold"] = fold_info
+    if fused:
+        info["fused_deform_attn"] = fused  # modules running rtdetr::ms_deform_attn
     if device == "cuda":
         index = torch.device(device).index or torch.cuda.current_device()
         info["gpu_name"] = torch.cuda.get_device_name(index)

@@ -101,6 +101,8 @@ def build(
     fold: bool = typer.Option(True, "--fold/--no-fold", help="aoti, torch-tensorrt: fold BatchNorm into the convolutions first (verified)."),
     static: bool = typer.Option(False, "--static", help="aoti, torch-tensorrt: one static package per --batch size and a .buckets manifest (-o)."),
     tune: bool = typer.Option(False, "--tune", help="aoti: Inductor max-autotune (GEMM/conv templates); minutes more, cached."),
+    fused_deform_attn: bool = typer.Option(False, "--fused-deform-attn", help="aoti on cuda: the deformable attention as one "
+                                           "fused Triton kernel (RT-DETR; experimental)."),
 ) -> None:
     """Build a TensorRT / TensorRT-RTX engine from an ONNX file, or an AOTInductor .pt2 (from the ONNX's model or --model)."""
     from ..builders.build import MODEL_BUILDERS, build_engine, build_from_model
@@ -111,11 +113,12 @@ def build(
     except ValueError:
         parts = ()
     if static:
-        return _build_static(onnx, output, backend, precision, parts or batch, model, device, fold, tune, cache)
+        return _build_static(onnx, output, backend, precision, parts or batch, model, device, fold, tune, cache,
+                             fused_deform_attn)
     if len(parts) != 3:
         raise InputError(f"--batch takes MIN,OPT,MAX such as 1,4,8, got {batch!r}")
     backend, output = _build_target(backend, output, from_model=model is not None)
-    extra = _model_build_options(backend, fold, tune)
+    extra = _model_build_options(backend, fold, tune, fused_deform_attn)
     if model is not None:
         if backend not in MODEL_BUILDERS:
             raise InputError(f"--model is for backends that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
@@ -161,23 +164,27 @@ def _build_target(backend: Optional[str], output: Optional[Path], from_model: bo
     return backend, output if output is not None else Path(_BUILD_OUTPUTS.get(backend, "model.engine"))
 
 
-def _model_build_options(backend: str, fold: bool, tune: bool) -> dict[str, Any]:
-    """--no-fold / --tune as builder options; only the builders that compile the torch model take them."""
+def _model_build_options(backend: str, fold: bool, tune: bool, fused: bool = False) -> dict[str, Any]:
+    """--no-fold / --tune / --fused-deform-attn as builder options; only the builders that compile the torch model
+    take them."""
     from ..builders.aoti import TUNE_INDUCTOR_CONFIGS
     from ..builders.build import MODEL_BUILDERS
 
     if tune and backend != "aoti":
         raise InputError(f"--tune runs Inductor's autotuning, for --backend aoti; {backend} tunes in its own builder")
+    if fused and backend != "aoti":
+        raise InputError(f"--fused-deform-attn compiles a Triton kernel into an AOTInductor package (--backend aoti), not {backend}")
     if backend not in MODEL_BUILDERS:
         if not fold:
             raise InputError(f"--no-fold is for the builders that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
                              "for a TensorRT engine export the ONNX with 'rtdetr-deploy export --no-fold'")
         return {}
-    return {**({"fold": False} if not fold else {}), **({"inductor_configs": dict(TUNE_INDUCTOR_CONFIGS)} if tune else {})}
+    inductor = {**(TUNE_INDUCTOR_CONFIGS if tune else {}), **({"fused_deform_attn": 1} if fused else {})}
+    return {**({"fold": False} if not fold else {}), **({"inductor_configs": inductor} if inductor else {})}
 
 
 def _build_static(onnx: Optional[Path], output: Path, backend: str, precision: str, sizes: Any, model: Optional[str],
-                  device: Optional[str], fold: bool, tune: bool, cache: bool) -> None:
+                  device: Optional[str], fold: bool, tune: bool, cache: bool, fused: bool = False) -> None:
     """build --static: one static package per batch size behind a .buckets manifest."""
     import torch
 
@@ -186,7 +193,7 @@ def _build_static(onnx: Optional[Path], output: Path, backend: str, precision: s
 
     if not isinstance(sizes, tuple):
         raise InputError(f"--batch with --static takes the bucket sizes such as 1,8,32, got {sizes!r}")
-    options = _model_build_options(backend, fold, tune)
+    options = _model_build_options(backend, fold, tune, fused)
     if model is not None:
         source, config = (model, None) if Path(model).exists() else (None, model)
     elif onnx is not None:

@@ -88,6 +88,10 @@ class AotiEngine(BaseEngine):
         device = _check_device(path, meta, device or torch.device(meta.get("device") or "cpu"))
         check_zip(path)  # a damaged entry must be an error here, not a crash inside AOTInductor
         _share_libstdcxx()
+        if meta.get("fused_deform_attn"):  # built with --fused-deform-attn: the op's schema must exist to load it
+            from ...models.deform_kernel import register
+
+            register()
         try:
             self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
                                                             device_index=device.index if device.type == "cuda" else -1)
