@@ -473,6 +473,24 @@ def test_killing_the_server_mid_load_gives_errors_never_partial_results(shapes_o
         with pytest.raises(EngineError, match="k64"):
             engine.infer(_feeds(1))
         assert time.monotonic() - t0 < 30, "a call to a dead server must give up within its bounded retry"
+        assert _group_members(server.pid), "the killed server's python stub should still be there before stop()"
     finally:
         server.stop()
     assert not _alive(server.pid)
+    deadline = time.monotonic() + 10  # the stub the killed server left behind: stop() ended it too
+    while _group_members(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_members(server.pid), _group_members(server.pid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found

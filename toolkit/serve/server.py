@@ -5,6 +5,11 @@ built for this Python), ``PATH`` with this interpreter first (the stub starts th
 there), and ``PYTHONPATH`` with the toolkit, so ``model.py`` imports the same toolkit as the caller. It dies
 with its parent (``PR_SET_PDEATHSIG``), and it is stopped with SIGTERM, on which Triton stops accepting new
 requests, answers the ones in flight and unloads the models before it exits.
+
+It runs in its own process group, which its python-backend stubs inherit: a server that crashed or was killed
+(SIGKILL, the OOM killer) leaves its stubs orphaned and holding their memory and GPU contexts, so ``stop`` ends
+whatever is left of the group once the server itself is gone. (A terminal's Ctrl-C reaches the toolkit alone,
+which stops the server with SIGTERM, the draining stop.)
 """
 
 from __future__ import annotations
@@ -204,10 +209,18 @@ class TritonProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        self._end_group()
         if self.work is not None and not self._stopped:
             self.work.cleanup()
         self._stopped = True
         return self.process.returncode
+
+    def _end_group(self) -> None:
+        """SIGKILL what is left of the server's process group (stubs orphaned by a server that died first)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> "TritonProcess":
         return self
@@ -241,7 +254,7 @@ def start_tritonserver(repository: Path, model: str, *, host: str = "127.0.0.1",
     log = open(log_path, "wb")
     try:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(base, python_path),
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, start_new_session=True)
     finally:
         log.close()
     return TritonProcess(process, host, ports, log_path, model, work, exit_timeout_s)
