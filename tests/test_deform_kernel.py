@@ -41,9 +41,13 @@ def interpreted(monkeypatch):
     deform_kernel._kernel.cache_clear()
 
 
-def test_reference_is_transformers_formula():
-    args = _inputs()
-    assert torch.allclose(deform_kernel.reference(*args), _transformers(*args), atol=1e-5)
+def test_the_ops_cpu_kernel_is_transformers_formula():
+    """The registered op dispatches CPU tensors to transformers' own formula (fp16 inputs: accumulated in fp32)."""
+    op = deform_kernel.register()
+    for dtype in (torch.float32, torch.float16):
+        args = _inputs(dtype)
+        got = op(*args)
+        assert got.dtype == dtype and torch.allclose(got.float(), _transformers(*args), atol=1e-5 if dtype == torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -160,21 +160,18 @@ def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Call
     t0 = time.perf_counter()
     ref = load(reference, backend="onnxruntime", device="cpu")
 
-    def judge(path: Any, first: list | None = None) -> tuple[bool, str]:
+    def judge(path: Any) -> Any:
         engine = load(path, backend="onnxruntime", device=device)
         try:
-            rep = compare(ref, engine, images, thresholds=thresholds)
+            return compare(ref, engine, images, thresholds=thresholds)
         finally:
             getattr(engine, "close", lambda: None)()
-        if first is not None:
-            first.append(rep)
-        return agree(rep), getattr(rep, "reason", "") or rep.verdict
 
-    seen: list = []
-    ok, reason = judge(candidate, seen)
-    if ok:
+    first_report = judge(candidate)
+    reason = getattr(first_report, "reason", "") or first_report.verdict
+    if agree(first_report):
         return IslandSearch(False, [], True, reason=f"compare agrees with fp32: {reason}", seconds=time.perf_counter() - t0)
-    vacuous = _cannot_judge(seen[0])
+    vacuous = _cannot_judge(first_report)
     if vacuous:  # no verdict to repair: say so instead of spending the budget (a bisect of a large model costs GBs)
         return IslandSearch(False, [], False, reason=vacuous, seconds=time.perf_counter() - t0)
     say(f"compare with fp32 disagrees ({reason}): searching for fp32 islands (at most {max_evals} evaluations)")
@@ -182,7 +179,7 @@ def run_search(reference: Any, candidate: Any, order: Sequence[str], build: Call
     start = first.node if first is not None else None
     if first is not None:
         say(f"  first diverging tensor: {first.tensor} (node {first.node}, {first.op})")
-    nodes, evals, why = search(order, start, lambda ns: judge(build(ns))[0], max_evals=max_evals, say=say)
+    nodes, evals, why = search(order, start, lambda ns: agree(judge(build(ns))), max_evals=max_evals, say=say)
     return IslandSearch(True, nodes or [], nodes is not None, start, evals, time.perf_counter() - t0,
                         why or ("" if nodes else "no agreeing set"))
 

@@ -179,8 +179,8 @@ def _model_build_options(backend: str, fold: bool, tune: bool, fused: bool = Fal
             raise InputError(f"--no-fold is for the builders that compile the torch model ({', '.join(MODEL_BUILDERS)}); "
                              "for a TensorRT engine export the ONNX with 'rtdetr-deploy export --no-fold'")
         return {}
-    inductor = {**(TUNE_INDUCTOR_CONFIGS if tune else {}), **({"fused_deform_attn": 1} if fused else {})}
-    return {**({"fold": False} if not fold else {}), **({"inductor_configs": inductor} if inductor else {})}
+    return {**({"fold": False} if not fold else {}), **({"inductor_configs": dict(TUNE_INDUCTOR_CONFIGS)} if tune else {}),
+            **({"fused_deform_attn": True} if fused else {})}
 
 
 def _build_static(onnx: Optional[Path], output: Path, backend: str, precision: str, sizes: Any, model: Optional[str],

@@ -23,30 +23,21 @@ import functools
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 OP = "rtdetr::ms_deform_attn"
 
 
 def reference(value: torch.Tensor, shapes: torch.Tensor, starts: torch.Tensor, locations: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor:
-    """The plain formula (transformers' ``MultiScaleDeformableAttention.forward``), fp32 accumulation.
+    """transformers' ``MultiScaleDeformableAttention`` on the same arguments, accumulated in fp32 as the kernel does.
 
     value [B, S, H, D]; shapes [L, 2] (height, width) int64; starts [L] int64; locations [B, Q, H, L, P, 2] in
     [0, 1] (x, y); weights [B, Q, H, L, P]. Returns [B, Q, H*D] in value's dtype."""
-    b, _, heads, dim = value.shape
-    _, q, _, levels, points, _ = locations.shape
-    grids = 2 * locations.float() - 1
-    out = torch.zeros(b * heads, dim, q, dtype=torch.float32, device=value.device)
-    for lvl in range(levels):
-        h, w = int(shapes[lvl, 0]), int(shapes[lvl, 1])
-        s = int(starts[lvl])
-        v = value[:, s:s + h * w].float().flatten(2).transpose(1, 2).reshape(b * heads, dim, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [B*H, Q, P, 2]
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*H, D, Q, P]
-        wl = weights[:, :, :, lvl].float().transpose(1, 2).reshape(b * heads, 1, q, points)
-        out += (sampled * wl).sum(-1)
-    return out.view(b, heads * dim, q).transpose(1, 2).contiguous().to(value.dtype)
+    from transformers.models.rt_detr.modeling_rt_detr import MultiScaleDeformableAttention
+
+    out = MultiScaleDeformableAttention()(value.float(), shapes, [tuple(hw) for hw in shapes.tolist()], starts,
+                                          locations.float(), weights.float(), 64)
+    return out.to(value.dtype)
 
 
 @functools.lru_cache(maxsize=None)

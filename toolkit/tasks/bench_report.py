@@ -21,14 +21,18 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         if r["status"] != "ok":
             out.append([label, str(r["batch"]), r["status"], "", "", "", "", "", r["reason"]])
             continue
-        ratio, vs_compile = (f"{base / r['median_ms']:.2f}x" if (base := peers.get((r["precision"], r["batch"]))) else ""
-                             for peers in (ort, compiled))
+        ratio, vs_compile = (_ratio(peers.get((r["precision"], r["batch"])), r["median_ms"]) for peers in (ort, compiled))
         built = f"build {r['build_s']:.0f} s, " if r.get("build_s") and r["build_s"] >= 1 else ""
         built += f"compile {r['compile_s']:.1f} s, " if r.get("compile_s") is not None else ""
         out.append([label, str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
                     f"{r['images_per_s']:.0f}" + (f" (e2e {e2e:.0f})" if (e2e := r.get("end_to_end_images_per_s")) else ""), ratio, vs_compile,
                     f"{built}first call {r['first_call_s']:.1f} s"])
     return out
+
+
+def _ratio(peer_ms: float | None, ms: float) -> str:
+    """How many times faster than the peer ('' where the run has no such peer row)."""
+    return f"{peer_ms / ms:.2f}x" if peer_ms else ""
 
 
 TABLE_HEADER = ["config", "batch", "median ms", "p90 ms", "p99 ms", "img/s", "vs ORT", "vs compile", "notes"]
