@@ -130,3 +130,22 @@ def test_table_gives_each_row_its_ratio_to_both_peers_of_the_same_run():
     assert table[("aoti bf16 +graph", "1")]["vs ORT"] == table[("aoti bf16 +graph", "1")]["vs compile"] == ""  # no bf16 peers
     assert table[("torch-compile fp16", "1")]["vs compile"] == "1.00x"
     assert table[("torch-compile fp16", "32")]["median ms"] == "refused"
+
+
+def test_bench_table_off_a_terminal_keeps_config_names_whole():
+    """Piped into a log, rich drew 80 columns and the run-D table read "aoti-…" and "torch…"; the CLI's console
+    now draws wide tables where stdout is not a terminal. Rendered from the stored run-D report in docs/data."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json; from toolkit.cli.app import console; from toolkit.tasks.bench_report import TABLE_HEADER, table_rows; "
+            "from rich.table import Table; t = Table(); [t.add_column(c) for c in TABLE_HEADER]; "
+            "[t.add_row(*map(str, r)) for r in table_rows(json.load(open('docs/data/bench_h100_run_d_2026-12-07.json')))]; console.print(t)")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=120).stdout
+    lines = out.splitlines()
+    assert any("aoti-static fp16 +graph" in line and "1465" in line for line in lines), out
+    assert "…" not in out, out

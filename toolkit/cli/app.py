@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 import typer
@@ -12,8 +14,20 @@ from ..errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, build, run and compare RT-DETR detectors.")
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _width(stream) -> Optional[int]:
+    """Rich draws 80 columns where the output is not a terminal, which cuts a bench table's config names to
+    "aoti-…" in a log file. Off a terminal (and unless COLUMNS says otherwise) the tables get 200 columns."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else 200
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 _state = {"verbose": False}
 
 
