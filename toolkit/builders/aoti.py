@@ -137,7 +137,8 @@ batch 32 from 1085 to 1311 img/s, batch 1 from 2.35 to 2.09 ms, fixture mAP 0.83
 TUNE_INDUCTOR_CONFIGS: dict[str, Any] = {"max_autotune": True, "coordinate_descent_tuning": True}
 """``build --tune``: Inductor benchmarks its GEMM/convolution templates and tunes its Triton kernels at build time
 (minutes, in parallel compile workers); the package cache and Inductor's own cache keep the result. Load time and
-results are unaffected."""
+results are unaffected. Not a default because it did not pay for R50 fp16 on an H100: its convolution choices
+made the whole model 8% slower at batch 1 and 3% at batch 32 (docs/benchmarks.md, run E)."""
 
 
 def build_aoti(

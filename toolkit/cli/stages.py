@@ -100,7 +100,7 @@ def build(
     device: Optional[str] = typer.Option(None, help="aoti: cpu or cuda (default: the GPU if present)."),
     fold: bool = typer.Option(True, "--fold/--no-fold", help="aoti, torch-tensorrt: fold BatchNorm into the convolutions first (verified)."),
     static: bool = typer.Option(False, "--static", help="aoti, torch-tensorrt: one static package per --batch size and a .buckets manifest (-o)."),
-    tune: bool = typer.Option(False, "--tune", help="aoti: Inductor max-autotune (GEMM/conv templates); minutes more, cached."),
+    tune: bool = typer.Option(False, "--tune", help="aoti: Inductor max-autotune (GEMM/conv templates); minutes more, cached. Slower for RT-DETR-R50 on an H100: bench it first."),
     fused_deform_attn: bool = typer.Option(False, "--fused-deform-attn", help="aoti on cuda: the deformable attention as one "
                                            "fused Triton kernel (RT-DETR; experimental)."),
 ) -> None:
